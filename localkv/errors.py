@@ -1,0 +1,11 @@
+"""The one exception type localkv raises for problems a user can fix.
+
+The CLI prints its message as one red line on stderr and exits non-zero; the
+Python API lets it propagate. Anything else escaping is a bug.
+"""
+
+
+class LocalkvError(Exception):
+    """A user-facing error: the message is one line that says what to do."""
+
+    exit_code = 1
