@@ -1,0 +1,174 @@
+"""ctypes bindings for include/llama-localkv.h (the patched llama.cpp's extension API), nothing else.
+
+The functions live in the same libllama that `llama_cpp` loads. Importing this
+module checks that the library is the localkv-patched build with the ABI this
+package was written for, and raises LocalkvError naming the fix otherwise.
+"""
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int32, c_int64, c_size_t, c_uint32, c_void_p
+
+import numpy as np
+
+from .errors import LocalkvError
+
+ABI_VERSION = 2
+FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
+
+# enum llama_localkv_stat
+STAT_OBS = 0
+STAT_OBS_ADAPTIVE = 1
+STAT_ACC = 2
+STAT_LAST = 3
+STAT_VNORM = 4
+STAT_ACC_ADAPTIVE = 5
+STAT_COUNT = 6
+
+# enum llama_localkv_status
+STATUS_NAMES = {
+    -1: "bad argument",
+    -2: "unsupported",
+    -3: "wrong state",
+    -4: "no such layer",
+    -5: "bad slot index",
+    -6: "budget out of range",
+    -7: "allocation failed",
+}
+
+
+def _load():
+    try:
+        import llama_cpp.llama_cpp as ll
+    except ImportError as e:
+        raise LocalkvError(f"llama_cpp is not installed ({e}); {FIX}") from None
+    except Exception as e:  # the shared library failed to load
+        raise LocalkvError(f"llama_cpp failed to load its library ({e}); {FIX}") from None
+    lib = ll._lib
+    if not hasattr(lib, "llama_localkv_abi_version"):
+        raise LocalkvError(f"llama_cpp is a stock build without localkv's patches; {FIX}")
+    lib.llama_localkv_abi_version.restype = c_int32
+    lib.llama_localkv_abi_version.argtypes = []
+    got = lib.llama_localkv_abi_version()
+    if got != ABI_VERSION:
+        raise LocalkvError(f"patched llama_cpp has localkv ABI {got}, this package needs {ABI_VERSION}; {FIX}")
+    return ll, lib
+
+
+llama_cpp, lib = _load()
+
+_SIGNATURES = {
+    "llama_localkv_memory_bytes": (c_int64, [c_void_p]),
+    "llama_localkv_compute_bytes": (c_int64, [c_void_p]),
+    "llama_localkv_n_kv_layers": (c_int32, [c_void_p]),
+    "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_size_t), POINTER(c_size_t)]),
+    "llama_localkv_last_error": (c_char_p, []),
+    "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), c_int32, c_uint32]),
+    "llama_localkv_enabled": (c_int32, [c_void_p]),
+    "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
+    "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
+    "llama_localkv_layer_state": (c_int32, [c_void_p, c_int32, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32)]),
+    "llama_localkv_get_positions": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_size_t]),
+    "llama_localkv_get_stat": (c_int32, [c_void_p, c_int32, c_int32, c_bool, POINTER(c_float), c_size_t]),
+    "llama_localkv_keep": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_int32]),
+    "llama_localkv_stats_bytes": (c_int64, [c_void_p]),
+}
+for _name, (_res, _args) in _SIGNATURES.items():
+    _f = getattr(lib, _name)
+    _f.restype = _res
+    _f.argtypes = _args
+
+
+class CapiError(LocalkvError):
+    """A llama_localkv_* call returned an error code."""
+
+    def __init__(self, func: str, code: int):
+        self.code = code
+        detail = (lib.llama_localkv_last_error() or b"").decode(errors="replace")
+        super().__init__(f"{func}: {STATUS_NAMES.get(code, code)}: {detail}")
+
+
+def _check(func: str, rc: int) -> int:
+    if rc < 0:
+        raise CapiError(func, rc)
+    return rc
+
+
+def memory_bytes(ctx) -> int:
+    return _check("memory_bytes", lib.llama_localkv_memory_bytes(ctx))
+
+
+def compute_bytes(ctx) -> int:
+    return _check("compute_bytes", lib.llama_localkv_compute_bytes(ctx))
+
+
+def kv_layers(ctx) -> list[tuple[int, int, int]]:
+    """(model layer, K bytes, V bytes) of every cached layer, as llama.cpp allocated them."""
+    n = lib.llama_localkv_n_kv_layers(ctx)
+    if n < 0:
+        return []
+    out = []
+    il, kb, vb = c_int32(), c_size_t(), c_size_t()
+    for i in range(n):
+        _check("kv_layer_info", lib.llama_localkv_kv_layer_info(ctx, i, ctypes.byref(il), ctypes.byref(kb), ctypes.byref(vb)))
+        out.append((il.value, kb.value, vb.value))
+    return out
+
+
+def enable(ctx, capacities, headroom: int) -> None:
+    caps = (c_uint32 * len(capacities))(*[int(c) for c in capacities])
+    _check("enable", lib.llama_localkv_enable(ctx, caps, len(capacities), int(headroom)))
+
+
+def enabled(ctx) -> bool:
+    return _check("enabled", lib.llama_localkv_enabled(ctx)) == 1
+
+
+def set_stats(ctx, stats, window: int = 32) -> None:
+    flags = 0
+    for s in stats:
+        flags |= 1 << s
+    _check("set_stats", lib.llama_localkv_set_stats(ctx, flags, int(window)))
+
+
+def clear_stat(ctx, stat: int) -> None:
+    _check("clear_stat", lib.llama_localkv_clear_stat(ctx, stat))
+
+
+def layer_state(ctx, i: int) -> tuple[int, int, int]:
+    """(capacity, allocated slots, slots in use) of the i-th cached layer."""
+    cap, alloc, used = c_uint32(), c_uint32(), c_uint32()
+    _check("layer_state", lib.llama_localkv_layer_state(ctx, i, ctypes.byref(cap), ctypes.byref(alloc), ctypes.byref(used)))
+    return cap.value, alloc.value, used.value
+
+
+def positions(ctx, i: int, n_head_kv: int) -> np.ndarray:
+    """[n_head_kv, n_used] token positions held by the i-th layer's slots."""
+    n_used = layer_state(ctx, i)[2]
+    buf = np.empty((n_head_kv, n_used), dtype=np.int32)
+    got = _check("get_positions", lib.llama_localkv_get_positions(
+        ctx, i, buf.ctypes.data_as(POINTER(c_int32)), buf.size))
+    assert got == n_used
+    return buf
+
+
+def get_stat(ctx, i: int, stat: int, n_heads: int, sum_per_kv_head: bool = False) -> np.ndarray:
+    """[n_heads, n_used] float32 statistic of the i-th layer (n_heads: query or KV heads, as requested)."""
+    n_used = layer_state(ctx, i)[2]
+    buf = np.empty((n_heads, n_used), dtype=np.float32)
+    got = _check("get_stat", lib.llama_localkv_get_stat(
+        ctx, i, stat, sum_per_kv_head, buf.ctypes.data_as(POINTER(c_float)), buf.size))
+    assert got == n_used
+    return buf
+
+
+def keep(ctx, i: int, slots: np.ndarray) -> None:
+    """Keep slots[h, :] in KV head h of the i-th layer; free the rest."""
+    slots = np.ascontiguousarray(slots, dtype=np.int32)
+    if slots.ndim != 2:
+        raise LocalkvError("keep: slots must be a [n_head_kv, n_keep] array")
+    _check("keep", lib.llama_localkv_keep(ctx, i, slots.ctypes.data_as(POINTER(c_int32)), slots.shape[1]))
+
+
+def stats_bytes(ctx) -> int:
+    return _check("stats_bytes", lib.llama_localkv_stats_bytes(ctx))

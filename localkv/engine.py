@@ -1,0 +1,422 @@
+"""The engine: one model, one context, one generation loop with compression.
+
+    eng = Engine(policy="snapkv", budget=384)
+    res = eng.generate("What is the capital of France?", max_tokens=32)
+    print(res.text, res.kv_bytes_allocated)
+
+With a compressing policy the context's KV cache is switched to localkv's
+compressed storage: every layer holds `capacity + chunk` slots. A prompt goes
+in chunks; before a chunk that would not fit, and after the whole prompt, the
+policy picks what each (layer, KV head) keeps. While decoding, the cache is
+compressed back to the budget every `decode_interval` tokens, so memory stays
+bounded for any prompt or conversation length.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from . import capi, models, policies
+from .errors import LocalkvError
+from .llama import TYPE_BYTES, Model, Sampler, Utf8Stream, cache_type, init_backend, last_log_error, ll
+from .policies import DECODE, PREFILL, LayerView
+
+DEFAULT_CTX = 4096
+DEFAULT_CHUNK = 256
+
+
+def peak_rss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb if sys.platform == "darwin" else kb * 1024
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    policy: str
+    budget: int | None
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    first_token_latency_s: float
+    kv_bytes_allocated: int
+    kv_bytes_full_f16: int
+    kv_tokens_kept: int
+    kv_stats_bytes: int
+    compute_bytes: int
+    peak_rss_bytes: int
+    compressions: int
+    compress_seconds: float
+    stop_reason: str
+    cache_type_k: str
+    cache_type_v: str
+    model: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LayerMemory:
+    layer: int
+    k_bytes: int
+    v_bytes: int
+    capacity: int | None = None  # tokens per KV head (compressed) or context size (full)
+    used: int | None = None
+
+
+@dataclass
+class MemoryReport:
+    model: str
+    policy: str
+    budget: int | None
+    ctx: int
+    tokens: int                 # tokens the figures below are for
+    cache_type_k: str
+    cache_type_v: str
+    kv_bytes_allocated: int     # from llama.cpp's memory breakdown
+    kv_bytes_full_f16: int      # a full f16 cache for `tokens`
+    kv_bytes_full_q8_0: int
+    kv_bytes_full_q4_0: int
+    kv_stats_bytes: int
+    compute_bytes: int
+    layers: list[LayerMemory] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    """A model and a context configured for one policy and budget."""
+
+    def __init__(self, model: str | None = None, *, policy: str = "full", budget: int | None = None,
+                 policy_args: dict[str, str] | None = None, ctx: int | None = None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
+                 decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
+                 verbose: bool = False, progress: bool | None = None, eval_callback=None):
+        init_backend(verbose)
+        self.policy = policies.create(policy, policy_args)
+        self.budget = budget
+        self.chunk = int(chunk)
+        self.decode_interval = int(decode_interval)
+        self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
+        type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
+        if self.chunk < 1:
+            raise LocalkvError(f"chunk must be at least 1, got {chunk}")
+        if ctx is not None and ctx < 16:
+            raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
+
+        self.model_path = str(models.resolve(model, progress=progress))
+        self.model = Model(self.model_path)
+        shape = self.model.shape
+        self.shape = shape
+
+        if self.policy.compresses:
+            if budget is None:
+                raise LocalkvError(f"policy {self.policy.name} needs --budget (tokens kept per KV head)")
+            self.policy.validate(budget)
+            limit = ctx or shape.n_ctx_train
+            if budget > limit:
+                raise LocalkvError(f"budget {budget} is larger than the context ({limit} tokens)")
+            self.decode_interval = max(1, min(self.decode_interval, self.chunk))
+        elif budget is not None and policy == "full":
+            raise LocalkvError("--budget needs a compressing policy (full keeps everything); see `localkv policies`")
+
+        cp = ll.llama_context_default_params()
+        n_threads = threads or os.cpu_count() or 1
+        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.n_seq_max = 1
+        cp.type_k, cp.type_v = type_k, type_v
+        if flash_attn is not None:
+            cp.flash_attn_type = 1 if flash_attn else 0
+        if eval_callback is not None:  # ggml_backend_sched_eval_callback, to look at graph tensors (tests, calibration)
+            self._eval_callback = eval_callback
+            cp.cb_eval = eval_callback
+        if self.policy.compresses:
+            self.capacities = self.policy.capacities(budget, shape.n_layer)
+            # room for the largest layer plus one chunk; positions may go far beyond it
+            cp.n_ctx = max(self.capacities) + self.chunk
+            cp.n_batch = cp.n_ubatch = self.chunk
+        else:
+            self.capacities = None
+            cp.n_ctx = ctx or min(DEFAULT_CTX, shape.n_ctx_train)
+            cp.n_batch = cp.n_ubatch = min(self.chunk * 2, cp.n_ctx)
+        self.n_ctx = ctx or (cp.n_ctx if not self.policy.compresses else shape.n_ctx_train)
+        self.ctx = ll.llama_init_from_model(self.model.ptr, cp)
+        if not self.ctx:
+            raise LocalkvError(f"llama.cpp could not create a context: {last_log_error()}")
+        self.n_batch = cp.n_batch
+        self.kv_layers = capi.kv_layers(self.ctx)
+        if self.policy.compresses:
+            if len(self.capacities) != len(self.kv_layers):
+                self.capacities = self.policy.capacities(budget, len(self.kv_layers))
+            try:
+                capi.enable(self.ctx, self.capacities, self.chunk)
+            except capi.CapiError as e:
+                if e.code == -2:
+                    raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
+                                       f"({shape.architecture}): {e}") from None
+                raise
+        self.n_past = 0
+        self._history_text = ""  # the rendered text the cache holds (a chat continues after it)
+        self.compressions = 0
+        self.compress_seconds = 0.0
+        self._stats_phase: str | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def reset(self) -> None:
+        """Forget the conversation (the cache is emptied, its buffers stay)."""
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+        self._history_text = ""
+
+    # ---------------------------------------------------------------- compression
+
+    @property
+    def compressing(self) -> bool:
+        return self.policy.compresses
+
+    def _set_phase(self, phase: str) -> None:
+        if not self.compressing or phase == self._stats_phase:
+            return
+        capi.set_stats(self.ctx, self.policy.needs(phase), self.policy.obs_window(phase))
+        self._stats_phase = phase
+
+    def layer_view(self, i: int, phase: str) -> LayerView:
+        cap, _alloc, _used = capi.layer_state(self.ctx, i)
+        return LayerView(ctx=self.ctx, index=i, layer=self.kv_layers[i][0], n_layers=len(self.kv_layers),
+                         n_head=self.shape.n_head, n_head_kv=self.shape.n_head_kv, capacity=cap,
+                         positions=capi.positions(self.ctx, i, self.shape.n_head_kv), n_seen=self.n_past,
+                         phase=phase)
+
+    def compress(self, phase: str, room: int = 0) -> bool:
+        """Bring every layer over its capacity back to it (only if `room` more tokens would not fit)."""
+        if not self.compressing:
+            return False
+        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+        if room and all(used + room <= alloc for _cap, alloc, used in states):
+            return False
+        t0 = time.perf_counter()
+        did = False
+        for i, (cap, _alloc, used) in enumerate(states):
+            if used <= cap:
+                continue
+            keep = self.policy.select(self.layer_view(i, phase))
+            capi.keep(self.ctx, i, keep)
+            did = True
+        if did:
+            self.policy.after_compress(self.ctx)
+            self.compressions += 1
+        self.compress_seconds += time.perf_counter() - t0
+        return did
+
+    def kv_tokens_kept(self) -> int:
+        """Tokens per KV head held now (the largest layer), or all tokens with the full cache."""
+        if not self.compressing:
+            return self.n_past
+        return max(capi.layer_state(self.ctx, i)[2] for i in range(len(self.kv_layers)))
+
+    # ---------------------------------------------------------------- decoding
+
+    def _decode(self, tokens: list[int], want_logits: bool) -> None:
+        n = len(tokens)
+        batch = ll.llama_batch_init(n, 0, 1)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = t
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = want_logits and i == n - 1
+            batch.n_tokens = n
+            rc = ll.llama_decode(self.ctx, batch)
+        finally:
+            ll.llama_batch_free(batch)
+        if rc != 0:
+            raise LocalkvError(f"llama_decode failed with code {rc} at position {self.n_past}: {last_log_error()}")
+        self.n_past += n
+
+    def _chunks(self, tokens: list[int]) -> list[list[int]]:
+        """Chunks of at most n_batch; the last is at least the observation window when possible."""
+        size = self.n_batch
+        if not self.compressing:
+            return [tokens[i:i + size] for i in range(0, len(tokens), size)]
+        w = min(self.policy.obs_window(PREFILL), size, len(tokens))
+        out = []
+        rest = len(tokens)
+        end = len(tokens)
+        # cut from the end so the final chunk holds the whole observation window
+        while rest > 0:
+            take = min(size, rest)
+            if rest - take != 0 and take < w:
+                take = w
+            out.append(tokens[end - take:end])
+            end -= take
+            rest -= take
+        return out[::-1]
+
+    def feed(self, tokens: list[int], want_logits: bool = True) -> None:
+        """Prefill tokens after what the cache holds, compressing between chunks and at the end."""
+        if not tokens:
+            return
+        if not self.compressing and self.n_past + len(tokens) > self.n_ctx:
+            raise LocalkvError(
+                f"the prompt needs {self.n_past + len(tokens)} tokens but the context holds {self.n_ctx}: "
+                f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
+        self._set_phase(PREFILL)
+        chunks = self._chunks(tokens)
+        for j, chunk in enumerate(chunks):
+            self.compress(PREFILL, room=len(chunk))
+            self._decode(chunk, want_logits and j == len(chunks) - 1)
+        self.compress(PREFILL)  # question-aware: the last queries of the prompt decide
+
+    def step(self, token: int) -> None:
+        """Decode one generated token, compressing every decode_interval tokens to hold the budget."""
+        if not self.compressing and self.n_past + 1 > self.n_ctx:
+            raise LocalkvError(f"the context is full ({self.n_ctx} tokens): raise --ctx or use a compressing policy")
+        self._set_phase(DECODE)
+        self.compress(DECODE, room=1)
+        self._decode([token], True)
+        if self.compressing and self.kv_tokens_kept() >= max(self.capacities) + self.decode_interval:
+            self.compress(DECODE)
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None,
+                 ignore_eos: bool = False, chat: bool = True, keep_history: bool = False,
+                 on_text: Callable[[str], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+        """Generate a reply. `prompt` is wrapped in the chat template unless chat=False.
+
+        With keep_history the cache is not emptied first: `messages` continues
+        the conversation the cache already holds (only the new part is fed).
+        """
+        if max_tokens < 0:
+            raise LocalkvError(f"max tokens must be >= 0, got {max_tokens}")
+        if messages is None:
+            if prompt is None:
+                raise LocalkvError("no prompt given")
+            messages = [{"role": "user", "content": prompt}]
+        text = self.model.chat_prompt(messages) if chat else (prompt or "")
+        if not keep_history:
+            self.reset()
+        history = self._history_text
+        if keep_history and history and text.startswith(history):
+            new_text, add_special = text[len(history):], False
+        else:
+            if keep_history and history:
+                self.reset()
+            new_text, add_special = text, True
+        tokens = self.model.tokenize(new_text, add_special=add_special and not chat, parse_special=True)
+        if not tokens:
+            raise LocalkvError("the prompt is empty")
+
+        start_compressions, start_cs = self.compressions, self.compress_seconds
+        t0 = time.perf_counter()
+        self.feed(tokens)
+        t_prefill = time.perf_counter() - t0
+
+        sampler = Sampler(temperature, seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        out = Utf8Stream()
+        pieces: list[str] = []
+        generated = 0
+        stop = "length"
+        t_first = t_end = None
+        try:
+            while generated < max_tokens:
+                if should_stop and should_stop():
+                    stop = "interrupted"
+                    break
+                tok = sampler.sample(self.ctx)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if self.model.is_eog(tok) and not ignore_eos:
+                    stop = "eos"
+                    break
+                piece = out.push(self.model.piece(tok))
+                generated += 1
+                if piece:
+                    pieces.append(piece)
+                    if on_text:
+                        on_text(piece)
+                if generated >= max_tokens:
+                    break
+                self.step(tok)
+        finally:
+            sampler.close()
+            t_end = time.perf_counter()
+        tail = out.flush()
+        if tail:
+            pieces.append(tail)
+            if on_text:
+                on_text(tail)
+        reply = "".join(pieces)
+        self._history_text = text + reply
+        # tokens decoded after the first sample: one step() each
+        steps = max(generated - 1, 0)
+        decode_s = (t_end - t_first) if t_first is not None else 0.0
+
+        mem = capi.memory_bytes(self.ctx)
+        return GenerationResult(
+            text=reply, policy=self.policy.name, budget=self.budget, prompt_tokens=len(tokens),
+            generated_tokens=generated,
+            prefill_tokens_per_s=len(tokens) / t_prefill if t_prefill > 0 else 0.0,
+            decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
+            first_token_latency_s=(t_first - t0) if t_first is not None else t_prefill,
+            kv_bytes_allocated=mem, kv_bytes_full_f16=self.full_bytes(self.n_past, "f16"),
+            kv_tokens_kept=self.kv_tokens_kept(),
+            kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
+            compute_bytes=capi.compute_bytes(self.ctx), peak_rss_bytes=peak_rss_bytes(),
+            compressions=self.compressions - start_compressions,
+            compress_seconds=self.compress_seconds - start_cs, stop_reason=stop,
+            cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, model=self.model_path)
+
+    # ---------------------------------------------------------------- memory
+
+    def full_bytes(self, tokens: int, type_name: str) -> int:
+        """A full (uncompressed) cache of `tokens` tokens in every layer, K and V of type `type_name`."""
+        per_token = len(self.kv_layers) * self.shape.n_head_kv * self.shape.head_dim * 2
+        return int(round(per_token * tokens * TYPE_BYTES[type_name]))
+
+    def memory_report(self, tokens: int | None = None) -> MemoryReport:
+        """What llama.cpp allocated for this context's KV cache, layer by layer, next to full caches."""
+        layers = []
+        for i, (il, kb, vb) in enumerate(self.kv_layers if not self.compressing else capi.kv_layers(self.ctx)):
+            lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb)
+            if self.compressing:
+                cap, _alloc, used = capi.layer_state(self.ctx, i)
+                lm.capacity, lm.used = cap, used
+            layers.append(lm)
+        n = tokens if tokens is not None else (self.n_ctx if not self.compressing else DEFAULT_CTX)
+        return MemoryReport(
+            model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,
+            cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
+            kv_bytes_allocated=capi.memory_bytes(self.ctx),
+            kv_bytes_full_f16=self.full_bytes(n, "f16"), kv_bytes_full_q8_0=self.full_bytes(n, "q8_0"),
+            kv_bytes_full_q4_0=self.full_bytes(n, "q4_0"),
+            kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
+            compute_bytes=capi.compute_bytes(self.ctx), layers=layers)
+

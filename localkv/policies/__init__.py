@@ -1,0 +1,64 @@
+"""Compression policies: one module per policy, found by name.
+
+Adding a policy is one new file in this package defining a `Policy` subclass
+with a `name`; it then shows up in `localkv policies`, `--policy` and the bench.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import fields
+
+from ..errors import LocalkvError
+from .base import DECODE, PREFILL, LayerView, Policy
+
+__all__ = ["DECODE", "PREFILL", "LayerView", "Policy", "available", "create", "parse_args"]
+
+
+def _discover() -> dict[str, type[Policy]]:
+    found: dict[str, type[Policy]] = {}
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Policy) and obj.name and obj.__module__ == module.__name__:
+                found[obj.name] = obj
+    return dict(sorted(found.items()))
+
+
+_REGISTRY = _discover()
+
+
+def available() -> dict[str, type[Policy]]:
+    return dict(_REGISTRY)
+
+
+def parse_args(items: list[str] | None) -> dict[str, str]:
+    """['window=16', 'kernel=5'] -> {'window': '16', 'kernel': '5'}"""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LocalkvError(f"policy argument '{item}' is not NAME=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def create(name: str, args: dict[str, str] | None = None) -> Policy:
+    """A policy by name with its hyper-parameters overridden from strings."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise LocalkvError(f"unknown policy '{name}': choose one of {', '.join(_REGISTRY)}")
+    kwargs = {}
+    known = {f.name: f for f in fields(cls)}
+    for key, raw in (args or {}).items():
+        if key not in known:
+            choices = ", ".join(known) or "none"
+            raise LocalkvError(f"policy {name} has no argument '{key}' (its arguments: {choices})")
+        default = known[key].default
+        try:
+            kwargs[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise LocalkvError(f"policy argument {key}={raw!r} is not a valid {type(default).__name__}") from None
+    return cls(**kwargs)

@@ -1,0 +1,157 @@
+"""The shared selection and budget layer every policy builds on.
+
+A policy is a dataclass whose fields are its hyper-parameters. It says which
+statistics the engine must compute (`needs`), how a total budget is shared out
+over layers (`capacities`), and how much each kept token is worth (`score`,
+per KV head and slot). Everything else is shared here: the tokens that are
+always kept (the first `sinks` and the last `window` positions), the optional
+span-level selection that keeps facts whole, and the top-k itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import numpy as np
+
+from .. import capi
+from ..errors import LocalkvError
+
+PREFILL = "prefill"
+DECODE = "decode"
+
+
+@dataclass
+class LayerView:
+    """What a policy sees of one cached layer when the engine compresses it."""
+
+    ctx: object = field(repr=False)
+    index: int          # cached-layer index (0..n_layers-1)
+    layer: int          # model layer
+    n_layers: int
+    n_head: int         # query heads
+    n_head_kv: int
+    capacity: int       # tokens per KV head to keep
+    positions: np.ndarray  # [n_head_kv, n_used] token positions in the slots
+    n_seen: int         # tokens of the sequence so far (the next position)
+    phase: str          # PREFILL or DECODE
+    _stats: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_used(self) -> int:
+        return self.positions.shape[1]
+
+    def stat(self, kind: int, per_kv_head: bool = True) -> np.ndarray:
+        """A statistic of this layer: [n_head_kv or n_head, n_used] float32 (read once, then cached)."""
+        key = (kind, per_kv_head)
+        if key not in self._stats:
+            heads = self.n_head_kv if (per_kv_head or kind == capi.STAT_VNORM) else self.n_head
+            self._stats[key] = capi.get_stat(self.ctx, self.index, kind, heads, per_kv_head)
+        return self._stats[key]
+
+
+def max_pool(x: np.ndarray, kernel: int) -> np.ndarray:
+    """Max over a centred window of `kernel` slots along the last axis (SnapKV's pooling; same length out)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, kernel - 1 - pad)], mode="constant", constant_values=-np.inf)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1)
+    return windows.max(axis=-1)
+
+
+def avg_pool(x: np.ndarray, kernel: int) -> np.ndarray:
+    """Mean over a centred window of `kernel` slots along the last axis, zero-padded (AvgPool1d, same length)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, kernel - 1 - pad)], mode="constant")
+    return np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1).mean(axis=-1)
+
+
+@dataclass
+class Policy:
+    """Base policy: keeps sinks and the recent window, then the best-scoring tokens up to the capacity."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    compresses: ClassVar[bool] = True
+
+    sinks: int = 0       # the first `sinks` positions of the sequence are always kept
+    window: int = 32     # the last `window` positions are always kept
+    span: int = 1        # shared selection setting: >1 scores spans of this many slots and keeps them whole
+
+    # --- what a policy overrides -------------------------------------------------------------
+
+    def needs(self, phase: str) -> set[int]:
+        """Statistics (capi.STAT_*) the engine must compute during `phase`."""
+        return set()
+
+    def obs_window(self, phase: str) -> int:
+        """How many of each ubatch's last queries the statistics observe."""
+        return max(self.window, 1)
+
+    def capacities(self, budget: int, n_layers: int) -> list[int]:
+        """Per-layer capacity for an average of `budget` tokens per KV head (uniform by default)."""
+        return [budget] * n_layers
+
+    def score(self, view: LayerView) -> np.ndarray:
+        """[n_head_kv, n_used] value of each kept token; higher is kept first."""
+        raise NotImplementedError
+
+    def after_compress(self, ctx) -> None:
+        """Called once after every compression (e.g. to restart an accumulation)."""
+
+    # --- shared -----------------------------------------------------------------------------
+
+    def min_budget(self) -> int:
+        return self.sinks + self.window
+
+    def validate(self, budget: int) -> None:
+        if budget < self.min_budget():
+            raise LocalkvError(
+                f"budget {budget} is smaller than what {self.name} always keeps "
+                f"(sinks {self.sinks} + window {self.window} = {self.min_budget()})")
+        if self.span < 1:
+            raise LocalkvError(f"span must be at least 1, got {self.span}")
+
+    def protected(self, view: LayerView) -> np.ndarray:
+        """[n_head_kv, n_used] True for the sinks and the recent window."""
+        pos = view.positions
+        return (pos < self.sinks) | (pos >= view.n_seen - self.window)
+
+    def select(self, view: LayerView) -> np.ndarray:
+        """[n_head_kv, capacity] sorted slots to keep (all slots if they fit)."""
+        n, cap = view.n_used, view.capacity
+        if n <= cap:
+            return np.tile(np.arange(n, dtype=np.int32), (view.n_head_kv, 1))
+        scores = np.asarray(self.score(view), dtype=np.float64)
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+        if self.span > 1:
+            scores = span_scores(scores, view.positions, self.span)
+        scores = np.where(self.protected(view), np.inf, scores)
+        return top_k_slots(scores, cap)
+
+    @classmethod
+    def arguments(cls) -> list[tuple[str, type, object]]:
+        """(name, type, default) of every hyper-parameter."""
+        return [(f.name, f.type if isinstance(f.type, type) else type(f.default), f.default) for f in fields(cls)]
+
+
+def top_k_slots(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the k highest-scoring slots (ties: the earlier slot), sorted ascending."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.sort(order, axis=1).astype(np.int32)
+
+
+def span_scores(scores: np.ndarray, positions: np.ndarray, span: int) -> np.ndarray:
+    """Give every slot the best score of its span of `span` consecutive positions, so a span is kept or dropped whole."""
+    out = np.empty_like(scores)
+    for h in range(scores.shape[0]):
+        group = positions[h] // span
+        best: dict[int, float] = {}
+        for g, s in zip(group.tolist(), scores[h].tolist()):
+            if s > best.get(g, -np.inf):
+                best[g] = s
+        out[h] = [best[g] for g in group.tolist()]
+    return out

@@ -1,0 +1,46 @@
+from dataclasses import dataclass
+
+from .. import capi
+from ..errors import LocalkvError
+from .base import Policy
+
+
+@dataclass
+class H2O(Policy):
+    """H2O, heavy-hitter oracle (Zhang et al., 2023, arXiv 2306.14048): accumulated attention of all queries.
+
+    Score of a token: the attention it has received from every query since it
+    arrived (prompt queries of each chunk and every decoded query), summed over
+    the query heads of its KV group. The budget is split between heavy hitters
+    and the most recent tokens by `recent_ratio` (the paper's 50/50).
+    """
+
+    name = "h2o"
+    summary = "accumulated attention of all queries plus a recent window, also while decoding"
+
+    window: int = 0           # the recent part comes from recent_ratio
+    recent_ratio: float = 0.5
+
+    def needs(self, phase):
+        return {capi.STAT_ACC}
+
+    def obs_window(self, phase):
+        return 1 << 16  # every query of the ubatch (the C side caps it at the ubatch size)
+
+    def score(self, view):
+        return view.stat(capi.STAT_ACC)
+
+    def protected(self, view):
+        recent = max(int(self.recent_ratio * view.capacity), self.window)
+        pos = view.positions
+        return (pos < self.sinks) | (pos >= view.n_seen - recent)
+
+    def validate(self, budget):
+        super().validate(budget)
+        if not 0.0 <= self.recent_ratio < 1.0:
+            raise LocalkvError(f"recent_ratio must be in [0, 1), got {self.recent_ratio}")
+
+    # the accumulation follows each token for its whole life: nothing to restart
+    def after_compress(self, ctx):
+        return None
+
