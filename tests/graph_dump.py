@@ -1,0 +1,86 @@
+"""Read named tensors out of llama.cpp's compute graph while it runs (ggml's eval callback).
+
+Used to check the in-graph statistics against NumPy computed from the very Q, K
+and V of the same forward pass.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+import llama_cpp.llama_cpp as ll
+
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+
+
+class GgmlTensor(ctypes.Structure):
+    """The leading fields of struct ggml_tensor (ggml/include/ggml.h), enough to read shape and name."""
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+    ]
+
+
+_base = ctypes.CDLL(None)  # ggml-base is already loaded by libllama
+_get = getattr(_base, "ggml_backend_tensor_get", None)
+if _get is None:  # pragma: no cover
+    import pathlib
+    _lib_dir = pathlib.Path(ll.__file__).parent / "lib"
+    _get = ctypes.CDLL(str(_lib_dir / "libggml-base.so")).ggml_backend_tensor_get
+_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_get.restype = None
+
+F32 = 0
+
+
+class GraphDump:
+    """Collects float32 copies of the graph tensors whose names are in `names` (e.g. 'Qcur-3').
+
+    Several nodes can carry one name (a projection, its bias add, its RoPE): per
+    graph computation the last one of shape [head_dim, heads, tokens] wins, which
+    for Qcur/Kcur is the RoPE output that goes into attention and the cache.
+    tensors[name][i] is that tensor of the i-th llama_decode, as [tokens, heads, head_dim].
+    """
+
+    def __init__(self, names: set[str], head_dim: int = 64):
+        self.names = names
+        self.head_dim = head_dim
+        self.tensors: dict[str, list[np.ndarray]] = {}
+        self._pass: dict[str, np.ndarray] = {}
+        self.callback = ll.ggml_backend_sched_eval_callback(self._cb)
+
+    def end_pass(self) -> None:
+        """Call after each llama_decode: files this computation's tensors."""
+        for name, arr in self._pass.items():
+            self.tensors.setdefault(name, []).append(arr)
+        self._pass = {}
+
+    def _cb(self, t_ptr, ask, user_data):
+        t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
+        name = t.name.decode(errors="replace")
+        if name not in self.names:
+            return False if ask else True
+        if ask:
+            return True
+        if t.type != F32:
+            return True
+        ne = list(t.ne)
+        # contiguous float32 [head_dim, heads, tokens] only
+        if ne[0] != self.head_dim or ne[3] != 1 or t.nb[0] != 4 or t.nb[1] != 4 * ne[0] or t.nb[2] != 4 * ne[0] * ne[1]:
+            return True
+        n = int(np.prod(ne))
+        buf = np.empty(n, dtype=np.float32)
+        _get(t_ptr, buf.ctypes.data, 0, n * 4)
+        self._pass[name] = buf.reshape(ne[::-1])[0]  # [tokens, heads, head_dim]
+        return True

@@ -1,0 +1,278 @@
+"""The compressed KV cache inside llama.cpp (patch 0003), driven through localkv.capi on the default model.
+
+Statistics are checked against NumPy computed from the Q, K and V of the very
+same forward pass (read out of the graph with ggml's eval callback).
+"""
+import ctypes
+
+import numpy as np
+import pytest
+
+from conftest import make_engine
+from graph_dump import GraphDump
+from localkv import capi
+from localkv.errors import LocalkvError
+
+pytestmark = pytest.mark.model
+
+N_LAYER, N_HEAD, N_HEAD_KV, D = 24, 14, 2, 64
+GROUP = N_HEAD // N_HEAD_KV
+
+TEXT = ("The lighthouse keeper wrote in her log every night. The sea was calm, the lamp was bright, "
+        "and the ships passed far to the west. On the third night a storm came from the north, "
+        "and she counted nine ships sheltering in the bay before dawn. ") * 3
+
+
+def _f16(x):
+    return x.astype(np.float16).astype(np.float32)  # the cache stores K and V as f16
+
+
+def _softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def ref_obs(q, k, w, scale):
+    """SnapKV's observation attention: softmax of the last w queries over all visible keys, summed over queries.
+
+    q: [n_q, H, d] (the ubatch), k: [n_k, Hkv, d] (kept + ubatch, ubatch last), scale: float or [w] per row.
+    Returns [H, n_k].
+    """
+    n_q, n_k = q.shape[0], k.shape[0]
+    n_old = n_k - n_q
+    out = np.zeros((q.shape[1], n_k))
+    for r in range(w):
+        i = n_q - w + r                       # query row in the ubatch
+        visible = n_old + i + 1
+        s = scale[r] if np.ndim(scale) else scale
+        for h in range(q.shape[1]):
+            logits = k[:visible, h // GROUP] @ q[i, h] * s
+            out[h, :visible] += _softmax(logits)
+    return out
+
+
+def ref_adaptive_scale(n_visible, budget):
+    return np.sqrt(2 * np.log(n_visible / budget) / D) if n_visible > budget else 1 / np.sqrt(D)
+
+
+@pytest.fixture
+def dumped(model_path):
+    """An engine with compression on (budget 64, chunks of 64) and a dump of Q/K/V of two layers."""
+    layers = (0, 13)
+    dump = GraphDump({f"{n}cur-{il}" for n in "QKV" for il in layers})
+    eng = make_engine(model_path, policy="snapkv", budget=64, chunk=64, eval_callback=dump.callback)
+    yield eng, dump, layers
+    eng.close()
+
+
+def test_allocated_bytes_follow_capacities(model_path):
+    for policy, ctk in (("snapkv", "f16"), ("pyramidkv", "f16"), ("snapkv", "q8_0")):
+        with make_engine(model_path, policy=policy, budget=256, chunk=128, cache_type_k=ctk, cache_type_v=ctk,
+                         flash_attn=True) as eng:
+            per_token = N_HEAD_KV * D * 2 * (2 if ctk == "f16" else 34 / 32)   # K + V bytes per slot
+            allocated = capi.memory_bytes(eng.ctx)
+            want = sum(c for c in eng.capacities) * per_token
+            assert allocated == sum(k + v for _il, k, v in capi.kv_layers(eng.ctx))
+            # at most 10% over the capacities plus one chunk of headroom per layer
+            assert want <= allocated <= 1.1 * want + N_LAYER * 128 * per_token
+            if policy == "pyramidkv":
+                assert eng.capacities[0] > eng.capacities[-1]
+                assert sum(eng.capacities) == 256 * N_LAYER
+
+
+def test_statistics_match_numpy_from_the_same_forward_pass(dumped):
+    eng, dump, layers = dumped
+    w = 16
+    capi.set_stats(eng.ctx, [capi.STAT_OBS, capi.STAT_OBS_ADAPTIVE, capi.STAT_ACC, capi.STAT_LAST], w)
+    eng._stats_phase = "manual"
+    tokens = eng.model.tokenize(TEXT)[:110]
+    eng._decode(tokens[:60], False)     # chunk 1 (stays below the budget: no compression)
+    dump.end_pass()
+    eng._decode(tokens[60:110], True)   # chunk 2
+    dump.end_pass()
+    for li, il in enumerate(layers):
+        ikv = il                          # every layer is cached, in order
+        q2 = dump.tensors[f"Qcur-{il}"][1]
+        k = _f16(np.concatenate([dump.tensors[f"Kcur-{il}"][0], dump.tensors[f"Kcur-{il}"][1]]))
+        v = np.concatenate([dump.tensors[f"Vcur-{il}"][0], dump.tensors[f"Vcur-{il}"][1]])
+        q1 = dump.tensors[f"Qcur-{il}"][0]
+        k1 = k[:60]
+
+        obs = capi.get_stat(eng.ctx, ikv, capi.STAT_OBS, N_HEAD)
+        want = ref_obs(q2, k, w, 1 / np.sqrt(D))
+        np.testing.assert_allclose(obs, want, atol=2e-3, rtol=2e-2)
+        # summed per KV head
+        obs_kv = capi.get_stat(eng.ctx, ikv, capi.STAT_OBS, N_HEAD_KV, sum_per_kv_head=True)
+        np.testing.assert_allclose(obs_kv, want.reshape(N_HEAD_KV, GROUP, -1).sum(1), atol=1e-2, rtol=2e-2)
+
+        # AhaKV's adaptive scale per row: i visible tokens, k = the layer's capacity (64)
+        scales = [ref_adaptive_scale(60 + (50 - w + r) + 1, 64) for r in range(w)]
+        ada = capi.get_stat(eng.ctx, ikv, capi.STAT_OBS_ADAPTIVE, N_HEAD)
+        np.testing.assert_allclose(ada, ref_obs(q2, k, w, np.array(scales)), atol=2e-3, rtol=2e-2)
+
+        last = capi.get_stat(eng.ctx, ikv, capi.STAT_LAST, N_HEAD)
+        want_last = np.zeros_like(want)
+        for h in range(N_HEAD):
+            want_last[h] = _softmax(k[:, h // GROUP] @ q2[-1, h] / np.sqrt(D))
+        np.testing.assert_allclose(last, want_last, atol=2e-3, rtol=2e-2)
+
+        # H2O accumulation: chunk 1's observation plus chunk 2's
+        acc = capi.get_stat(eng.ctx, ikv, capi.STAT_ACC, N_HEAD)
+        acc_want = want.copy()
+        acc_want[:, :60] += ref_obs(q1, k1, w, 1 / np.sqrt(D))
+        np.testing.assert_allclose(acc, acc_want, atol=3e-3, rtol=2e-2)
+
+        vnorm = capi.get_stat(eng.ctx, ikv, capi.STAT_VNORM, N_HEAD_KV)
+        np.testing.assert_allclose(vnorm, (v ** 2).sum(-1).T, rtol=1e-4, atol=1e-4)
+    assert li == len(layers) - 1
+
+
+def test_keep_moves_exactly_the_requested_tokens(dumped):
+    eng, dump, layers = dumped
+    rng = np.random.default_rng(0)
+    w = 8
+    capi.set_stats(eng.ctx, [capi.STAT_OBS], w)
+    eng._stats_phase = "manual"
+    tokens = eng.model.tokenize(TEXT)[:100]
+    for part in (tokens[:50], tokens[50:100]):   # n_batch is 64
+        eng._decode(part, False)
+        dump.end_pass()
+    kept = {}
+    for i in range(N_LAYER):
+        before = capi.positions(eng.ctx, i, N_HEAD_KV)
+        vn_before = capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV)
+        slots = np.stack([np.sort(rng.choice(100, size=40, replace=False)) for _ in range(N_HEAD_KV)])
+        capi.keep(eng.ctx, i, slots)
+        after = capi.positions(eng.ctx, i, N_HEAD_KV)
+        assert after.shape == (N_HEAD_KV, 40)
+        assert (after == np.take_along_axis(before, slots, 1)).all()   # each head kept its own tokens
+        # statistics follow their tokens
+        np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV),
+                                      np.take_along_axis(vn_before, slots, 1))
+        assert capi.layer_state(eng.ctx, i)[2] == 40
+        kept[i] = slots
+    # the next ubatch attends exactly the kept K rows (checked through the observation statistic)
+    eng._decode(tokens[:20], True)
+    dump.end_pass()
+    for il in layers:
+        q = dump.tensors[f"Qcur-{il}"][2]
+        k_all = _f16(np.concatenate(dump.tensors[f"Kcur-{il}"][:3]))
+        obs = capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD)
+        for hk in range(N_HEAD_KV):
+            k_head = np.concatenate([k_all[kept[il][hk], hk], k_all[100:, hk]])  # kept + new, in slot order
+            k_rep = np.repeat(k_head[:, None, :], N_HEAD_KV, axis=1)
+            want = ref_obs(q, k_rep, w, 1 / np.sqrt(D))[hk * GROUP:(hk + 1) * GROUP]
+            np.testing.assert_allclose(obs[hk * GROUP:(hk + 1) * GROUP], want, atol=2e-3, rtol=2e-2)
+        assert (capi.positions(eng.ctx, il, N_HEAD_KV)[:, 40:] == np.arange(100, 120)).all()
+
+
+def test_chunked_prefill_of_8x_the_budget_stays_inside_and_answers(model_path):
+    filler = "The river flows past the old mill and the wind moves the grass on the hills. "
+    fact = "Remember this: the password for the vault is BLUE-HERON-42. "
+    with make_engine(model_path, policy="snapkv", budget=128, chunk=128) as eng:
+        body = filler * 90
+        prompt = body + fact + "Question: what is the password for the vault?"
+        allocated = capi.memory_bytes(eng.ctx)
+        used_max = []
+        orig = eng.compress
+
+        def watched(phase, room=0):
+            did = orig(phase, room)
+            used_max.append(max(capi.layer_state(eng.ctx, i)[2] for i in range(N_LAYER)))
+            return did
+        eng.compress = watched
+        res = eng.generate(prompt, max_tokens=16, temperature=0)
+        assert res.prompt_tokens >= 8 * 128
+        assert res.compressions >= 7
+        assert max(used_max) <= 128 + 128                    # never more than budget + one chunk
+        assert capi.memory_bytes(eng.ctx) == allocated       # nothing was reallocated
+        assert res.kv_tokens_kept <= 128 + 32
+        assert "BLUE-HERON-42" in res.text.replace(" ", "")
+
+
+def test_decoding_holds_the_budget(model_path):
+    with make_engine(model_path, policy="streamingllm", budget=64, chunk=64, decode_interval=16) as eng:
+        seen = []
+        res = eng.generate("Count from 1 to 300, separated by spaces.", max_tokens=200, temperature=0,
+                           ignore_eos=True, on_text=lambda s: seen.append(eng.kv_tokens_kept()))
+        assert res.generated_tokens == 200
+        assert max(seen) <= 64 + 16
+        assert res.compressions >= 5
+
+
+
+
+def test_c_api_errors_are_codes_not_crashes(model_path):
+    lib = capi.lib
+    with make_engine(model_path, ctx=256, chunk=64) as plain:          # compression off
+        ctx = plain.ctx
+        assert lib.llama_localkv_enabled(ctx) == 0
+        assert lib.llama_localkv_enabled(None) == -1
+        assert lib.llama_localkv_set_stats(ctx, 1, 32) == -3            # not enabled
+        assert lib.llama_localkv_keep(ctx, 0, None, 0) == -3
+        assert lib.llama_localkv_layer_state(ctx, 0, None, None, None) == -3
+        assert lib.llama_localkv_get_positions(ctx, 0, None, 0) == -3
+        assert lib.llama_localkv_get_stat(ctx, 0, 0, False, None, 0) == -3
+        assert lib.llama_localkv_clear_stat(ctx, 0) == -3
+        assert lib.llama_localkv_stats_bytes(ctx) == -3
+        assert lib.llama_localkv_enable(None, None, 0, 64) == -1
+        caps = (ctypes.c_uint32 * N_LAYER)(*[64] * N_LAYER)
+        assert lib.llama_localkv_enable(ctx, caps, N_LAYER - 1, 64) == -1   # wrong layer count
+        assert lib.llama_localkv_enable(ctx, None, N_LAYER, 64) == -1
+        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, 8) == -6        # headroom < n_ubatch
+        zero = (ctypes.c_uint32 * N_LAYER)(*[0] * N_LAYER)
+        assert lib.llama_localkv_enable(ctx, zero, N_LAYER, 64) == -6
+        huge = (ctypes.c_uint32 * N_LAYER)(*[1 << 30] * N_LAYER)
+        assert lib.llama_localkv_enable(ctx, huge, N_LAYER, 64) == -6
+        plain.generate("hi", max_tokens=1, temperature=0)
+        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, 64) == -3       # cache not empty
+        assert b"empty" in lib.llama_localkv_last_error()
+        plain.reset()
+        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, plain.n_batch) == 0
+        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, plain.n_batch) == -3   # already on
+
+        assert lib.llama_localkv_set_stats(ctx, 1 << 10, 32) == -1
+        assert lib.llama_localkv_set_stats(ctx, 1, 0) == -1
+        assert lib.llama_localkv_layer_state(ctx, N_LAYER, None, None, None) == -4
+        assert lib.llama_localkv_layer_state(ctx, -1, None, None, None) == -4
+        assert lib.llama_localkv_get_stat(ctx, 0, 99, False, None, 0) == -1
+        assert lib.llama_localkv_get_stat(ctx, 99, 0, False, None, 0) == -4
+        assert lib.llama_localkv_clear_stat(ctx, -1) == -1
+
+        plain.n_past = 0
+        plain._decode(plain.model.tokenize(TEXT)[:30], False)
+        buf = (ctypes.c_float * 10)()
+        assert lib.llama_localkv_get_stat(ctx, 0, 0, False, buf, 10) == -1   # buffer too small
+        pos = (ctypes.c_int32 * 10)()
+        assert lib.llama_localkv_get_positions(ctx, 0, pos, 10) == -1
+        slots = (ctypes.c_int32 * 4)(0, 1, 2, 2)
+        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5                # head 1 repeats slot 2
+        slots = (ctypes.c_int32 * 4)(0, 1, 2, 30)
+        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5                # slot out of range
+        slots = (ctypes.c_int32 * 4)(0, -1, 2, 3)
+        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5
+        assert lib.llama_localkv_keep(ctx, 0, slots, 31) == -1               # more than in use
+        assert lib.llama_localkv_keep(ctx, 0, None, 2) == -1
+        assert lib.llama_localkv_keep(ctx, 99, slots, 2) == -4
+        assert capi.layer_state(ctx, 0)[2] == 30                              # nothing changed
+        ok = (ctypes.c_int32 * 4)(0, 29, 1, 28)
+        assert lib.llama_localkv_keep(ctx, 0, ok, 2) == 0
+        assert capi.layer_state(ctx, 0)[2] == 2
+
+        # a batch that does not fit is refused (llama_decode returns 1), not a crash
+        tokens = plain.model.tokenize(TEXT * 8)
+        with pytest.raises(LocalkvError, match="code 1"):
+            for i in range(0, 600, 100):
+                plain._decode(tokens[i:i + 100], False)
+
+
+def test_sliding_window_models_are_refused_with_a_clear_error():
+    """Gemma 3 uses a sliding-window cache: compressed storage must say no, not crash (optional model)."""
+    from localkv import models
+    try:
+        path = models.resolve("gemma-3-270m-q4_k_m", progress=False)
+    except LocalkvError:
+        pytest.skip("gemma-3-270m-q4_k_m is not installed (localkv models pull gemma-3-270m-q4_k_m)")
+    with pytest.raises(LocalkvError, match="cannot compress"):
+        make_engine(str(path), policy="snapkv", budget=128)
