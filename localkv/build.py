@@ -144,6 +144,8 @@ def apply_patches(src: Path) -> None:
 
 
 def build_wheel(src: Path, flags: list[str], out: Path, log: Path) -> Path:
+    """pip wheel on the patched source. The source and build directories are fixed per flag set, so ccache
+    (paths are part of its key) and cmake reuse everything a patch did not touch."""
     env = dict(os.environ)
     launcher = []
     if shutil.which("ccache"):
@@ -151,8 +153,9 @@ def build_wheel(src: Path, flags: list[str], out: Path, log: Path) -> Path:
                     "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
     env["CMAKE_ARGS"] = " ".join(flags + launcher)
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    build_dir = cache_dir() / "build" / hashlib.sha256(json.dumps(flags).encode()).hexdigest()[:12]
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out),
-         "-C", f"build.targets={BUILD_TARGETS}", str(src)], log=log, env=env)
+         "-C", f"build.targets={BUILD_TARGETS}", "-C", f"build-dir={build_dir}", str(src)], log=log, env=env)
     wheels = list(out.glob("llama_cpp_python-*.whl"))
     if len(wheels) != 1:
         raise BuildError(f"expected one wheel in {out}, found {len(wheels)}")
@@ -177,9 +180,13 @@ def wheel_for_current_config(force: bool = False) -> Path:
         return cached[0]
     sdist = fetch_sdist()
     slot.parent.mkdir(parents=True, exist_ok=True)
+    work = cache_dir() / "src"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="localkv-build-") as tmp:
         tmp = Path(tmp)
-        src = extract_sdist(sdist, tmp)
+        src = extract_sdist(sdist, work)
         apply_patches(src)
         print(f"localkv: applied {len(patch_files())} patches; building llama.cpp "
               f"(flags: {' '.join(flags)}) -- several minutes on a cold cache", flush=True)
@@ -200,7 +207,15 @@ def wheel_for_current_config(force: bool = False) -> Path:
 
 
 def install(force: bool = False) -> None:
-    wheel = wheel_for_current_config(force)
+    import fcntl
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / "build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("localkv: another build is running; waiting for it", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        wheel = wheel_for_current_config(force)
     run([sys.executable, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)])
     # runtime dependencies of llama_cpp, resolved normally (already present on a second run)
     run([sys.executable, "-m", "pip", "install", "--quiet", "typing-extensions>=4.5.0", "numpy>=1.20.0",

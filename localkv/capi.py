@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -64,6 +64,7 @@ _SIGNATURES = {
     "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_size_t), POINTER(c_size_t)]),
     "llama_localkv_last_error": (c_char_p, []),
     "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), c_int32, c_uint32]),
+    "llama_localkv_resize": (c_int32, [c_void_p, POINTER(c_uint32), c_int32, c_uint32]),
     "llama_localkv_enabled": (c_int32, [c_void_p]),
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
@@ -118,6 +119,11 @@ def kv_layers(ctx) -> list[tuple[int, int, int]]:
 def enable(ctx, capacities, headroom: int) -> None:
     caps = (c_uint32 * len(capacities))(*[int(c) for c in capacities])
     _check("enable", lib.llama_localkv_enable(ctx, caps, len(capacities), int(headroom)))
+
+
+def resize(ctx, capacities, headroom: int) -> None:
+    caps = (c_uint32 * len(capacities))(*[int(c) for c in capacities])
+    _check("resize", lib.llama_localkv_resize(ctx, caps, len(capacities), int(headroom)))
 
 
 def enabled(ctx) -> bool:

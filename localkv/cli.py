@@ -28,6 +28,9 @@ _VERBOSE = False
 ModelOpt = typer.Option(None, "--model", "-m", help="registry name or path to a .gguf file [default: the default model]")
 PolicyOpt = typer.Option("full", "--policy", "-p", help="compression policy (see `localkv policies`)")
 BudgetOpt = typer.Option(None, "--budget", "-b", help="tokens kept per KV head (sinks and window included)")
+PrefillOpt = typer.Option(None, "--prefill-budget",
+                          help="tokens per KV head kept between prefill chunks (a larger working set while the "
+                               "prompt goes in; the cache shrinks to --budget after it) [default: 4096, at least --budget]")
 PolicyArgOpt = typer.Option(None, "--policy-arg", help="override a policy hyper-parameter, NAME=VALUE (repeatable)")
 CtxOpt = typer.Option(None, "--ctx", "-c", help="context size in tokens (full cache) [default: 4096]")
 CacheKOpt = typer.Option("f16", "--cache-type-k", "-ctk", help="K cache type: f16, q8_0, q4_0 (llama.cpp's)")
@@ -72,6 +75,10 @@ def _engine(model, policy, budget, policy_arg, ctx, ctk, ctv, threads, **kw):
                   cache_type_k=ctk, cache_type_v=ctv, threads=threads, verbose=_VERBOSE, **kw)
 
 
+def _prefill_kw(prefill_budget):
+    return {} if prefill_budget is None else {"prefill_budget": prefill_budget}
+
+
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is not None and prompt_file is not None:
         raise LocalkvError("give either PROMPT or --prompt-file, not both")
@@ -108,6 +115,7 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="no chat template: the prompt is fed as is"),
     policy: str = PolicyOpt,
     budget: Optional[int] = BudgetOpt,
+    prefill_budget: Optional[int] = PrefillOpt,
     policy_arg: Optional[List[str]] = PolicyArgOpt,
     cache_type_k: str = CacheKOpt,
     cache_type_v: str = CacheVOpt,
@@ -117,7 +125,8 @@ def generate(
     """Generate a reply to PROMPT with the model's chat template, streaming it to stdout."""
     def body():
         text = _read_prompt(prompt, prompt_file)
-        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads) as eng:
+        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads,
+                     **_prefill_kw(prefill_budget)) as eng:
             stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
             res = eng.generate(text, max_tokens=max_tokens, temperature=temperature, seed=seed,
                                ignore_eos=ignore_eos, chat=not raw, on_text=stream)
@@ -133,6 +142,7 @@ def chat(
     model: Optional[str] = ModelOpt,
     policy: str = PolicyOpt,
     budget: Optional[int] = BudgetOpt,
+    prefill_budget: Optional[int] = PrefillOpt,
     policy_arg: Optional[List[str]] = PolicyArgOpt,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="tokens per reply at most"),
@@ -147,17 +157,9 @@ def chat(
     from .chat import ChatSession
     run_guarded(lambda: ChatSession(
         lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
-                             cache_type_k, cache_type_v, threads),
+                             cache_type_k, cache_type_v, threads, **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
         policy=policy, budget=budget, out=out, err=err).run())
-
-
-def _fmt_bytes(n: int | float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @app.command()
@@ -169,37 +171,38 @@ def memory(
     policy_arg: Optional[List[str]] = PolicyArgOpt,
     cache_type_k: str = CacheKOpt,
     cache_type_v: str = CacheVOpt,
+    compare: bool = typer.Option(False, "--compare", help="every policy side by side at the same budget and context"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: bytes per layer, K/V stacked, vs full"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Create a real context and report the KV memory llama.cpp allocated, per layer, against full caches."""
     def body():
-        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, None) as eng:
-            rep = eng.memory_report(tokens=ctx)
+        from . import memory as mem
+        from .engine import DEFAULT_CTX
+        from .policies import available
+        tokens = ctx or DEFAULT_CTX
+        kw = dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v, verbose=_VERBOSE)
+        if compare:
+            b = budget or 256
+            names = list(available())
+            reports = mem.collect(model, names, b, tokens, **kw)
+        else:
+            with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, None) as eng:
+                reports = [eng.memory_report(tokens=tokens)]
+            if policy != "full":  # the plot and JSON show the full cache next to it
+                reports += mem.collect(model, ["full"], None, tokens, **kw)
+        if plot is not None:
+            mem.plot(reports, str(plot))
         if as_json:
-            print(json.dumps(rep.to_dict(), indent=2))
+            print(json.dumps(reports[0].to_dict() if not compare else [r.to_dict() for r in reports], indent=2))
             return
-        t = Table(title=f"KV cache of {Path(rep.model).name}: policy {rep.policy}"
-                        + (f", budget {rep.budget}" if rep.budget else "") + f", K {rep.cache_type_k} / V {rep.cache_type_v}")
-        t.add_column("layer", justify="right")
-        t.add_column("K", justify="right")
-        t.add_column("V", justify="right")
-        t.add_column("tokens/head", justify="right")
-        for lm in rep.layers:
-            t.add_row(str(lm.layer), _fmt_bytes(lm.k_bytes), _fmt_bytes(lm.v_bytes),
-                      str(lm.capacity if lm.capacity is not None else rep.ctx))
-        out.print(t)
-        s = Table(show_header=True, title=f"totals for {rep.tokens} tokens")
-        s.add_column("cache")
-        s.add_column("bytes", justify="right")
-        s.add_column("vs full f16", justify="right")
-        full = rep.kv_bytes_full_f16
-        for name, val in (("allocated (llama.cpp)", rep.kv_bytes_allocated), ("full f16", full),
-                          ("full q8_0", rep.kv_bytes_full_q8_0), ("full q4_0", rep.kv_bytes_full_q4_0)):
-            s.add_row(name, _fmt_bytes(val), f"{val / full:.1%}" if full else "-")
-        if rep.kv_stats_bytes:
-            s.add_row("statistics buffers", _fmt_bytes(rep.kv_stats_bytes), f"{rep.kv_stats_bytes / full:.1%}")
-        s.add_row("compute buffers", _fmt_bytes(rep.compute_bytes), "")
-        out.print(s)
+        if compare:
+            out.print(mem.compare_table(reports))
+        else:
+            out.print(mem.layer_table(reports[0]))
+            out.print(mem.totals_table(reports[0]))
+        if plot is not None:
+            out.print(f"plot written to {plot}")
     run_guarded(body)
 
 
@@ -230,6 +233,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")):
     """Registry models: name, size, architecture, context, installed or not."""
     def body():
         from . import models
+        from .memory import fmt_bytes
         infos = models.list_models()
         if as_json:
             print(json.dumps([{**i.__dict__, "path": str(i.path)} for i in infos], indent=2))
@@ -239,7 +243,7 @@ def models_list(as_json: bool = typer.Option(False, "--json")):
         for col in ("size", "arch", "context", "quant", "installed", "default"):
             t.add_column(col, no_wrap=True)
         for i in infos:
-            t.add_row(i.name, _fmt_bytes(i.size), i.architecture, str(i.context_length), i.quant,
+            t.add_row(i.name, fmt_bytes(i.size), i.architecture, str(i.context_length), i.quant,
                       "yes" if i.installed else "no", "*" if i.default else "")
         out.print(t)
         if any(not i.installed for i in infos):
@@ -268,6 +272,155 @@ def models_pull(name: str = typer.Argument(..., help="registry name"),
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality, memory and speed.")
 app.add_typer(bench_app, name="bench")
+
+
+def _csv(text: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LocalkvError(f"cannot read the list '{text}'") from None
+
+
+@bench_app.command("speed")
+def bench_speed(
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("full,streamingllm,snapkv", "--policies", help="comma-separated"),
+    budgets: str = typer.Option("256,512,1024", "--budgets"),
+    lengths: str = typer.Option("1024,4096,8192", "--lengths", help="prompt lengths in tokens"),
+    decode: int = typer.Option(64, "--decode", help="tokens decoded after the prompt"),
+    prefill_budget: Optional[int] = PrefillOpt,
+    chunk: int = typer.Option(256, "--chunk", help="prefill chunk (and headroom) in tokens"),
+    cache_type: str = typer.Option("f16", "--cache-type", help="K and V cache type"),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out", help="results directory (JSON lines, resumable)"),
+    markdown: bool = typer.Option(False, "--markdown", help="print the table as Markdown"),
+):
+    """Prefill/decode speed, allocated KV bytes and peak RSS: full cache vs compressed, per prompt length."""
+    def body():
+        from .bench.common import run_grid
+        from .bench.report import speed_table
+        configs = []
+        for length in _csv(lengths, int):
+            for pol in _csv(policies):
+                for b in ([None] if pol == "full" else _csv(budgets, int)):
+                    if b is not None and b >= length:
+                        continue
+                    configs.append({"bench": "speed", "model": model, "policy": pol, "budget": b, "length": length,
+                                    "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
+                                    "prefill_budget": prefill_budget if pol != "full" else None})
+        recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
+        speed_table(recs, out, markdown=markdown)
+    run_guarded(body)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("full,streamingllm,h2o,snapkv,pyramidkv,ahakv", "--policies"),
+    budgets: str = typer.Option("128,256,384,1024", "--budgets"),
+    lengths: str = typer.Option("3072", "--lengths", help="context lengths in tokens"),
+    tasks: str = typer.Option("niah_single", "--tasks", help="comma-separated, from: " + ", ".join(
+        ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe"))),
+    settings: str = typer.Option("aware,agnostic", "--settings", help="aware, agnostic, twoturn"),
+    samples: int = typer.Option(5, "--samples", help="samples per cell (needle depths spread evenly)"),
+    seed: int = typer.Option(0, "--seed"),
+    policy_arg: Optional[List[str]] = PolicyArgOpt,
+    prefill_budget: Optional[int] = PrefillOpt,
+    chunk: int = typer.Option(256, "--chunk"),
+    cache_type: str = typer.Option("f16", "--cache-type"),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out"),
+    markdown: bool = typer.Option(False, "--markdown"),
+):
+    """Accuracy of each policy and budget on seeded long-context tasks (RULER-style string match)."""
+    def body():
+        from .bench.common import run_grid
+        from .bench.quality import SETTINGS
+        from .bench.report import quality_table
+        from .bench.tasks import TASKS
+        from .policies import available, parse_args
+        pargs = parse_args(policy_arg)
+        for name in _csv(policies):
+            if name not in available():
+                raise LocalkvError(f"unknown policy '{name}': choose from {', '.join(available())}")
+        for t in _csv(tasks):
+            if t not in TASKS:
+                raise LocalkvError(f"unknown task '{t}': choose from {', '.join(TASKS)}")
+        for st in _csv(settings):
+            if st not in SETTINGS:
+                raise LocalkvError(f"unknown setting '{st}': choose from {', '.join(SETTINGS)}")
+        if samples < 1:
+            raise LocalkvError("--samples must be at least 1")
+        configs = []
+        for task in _csv(tasks):
+            for length in _csv(lengths, int):
+                for st in _csv(settings):
+                    for pol in _csv(policies):
+                        for b in ([None] if pol == "full" else _csv(budgets, int)):
+                            configs.append({"bench": "quality", "model": model, "policy": pol, "budget": b,
+                                            "policy_args": pargs if pol != "full" else {}, "task": task,
+                                            "length": length, "setting": st, "samples": samples, "seed": seed,
+                                            "prefill_budget": prefill_budget if pol != "full" else None,
+                                            "chunk": chunk, "ctk": cache_type, "ctv": cache_type})
+        recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")
+        quality_table(recs, out, markdown=markdown)
+    run_guarded(body)
+
+
+@bench_app.command("kl")
+def bench_kl(
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("full,streamingllm,h2o,snapkv,pyramidkv,ahakv", "--policies"),
+    budgets: str = typer.Option("128,256,512,1024", "--budgets"),
+    lengths: str = typer.Option("2048", "--lengths", help="context tokens before the scored window"),
+    eval_tokens: int = typer.Option(128, "--eval", help="tokens scored after the context"),
+    prefill_budget: Optional[int] = PrefillOpt,
+    chunk: int = typer.Option(256, "--chunk"),
+    cache_type: str = typer.Option("f16", "--cache-type"),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out"),
+    markdown: bool = typer.Option(False, "--markdown"),
+):
+    """KL divergence and perplexity against the full cache on long English text (Debian's license texts)."""
+    def body():
+        from .bench.common import run_grid
+        from .bench.report import kl_table
+        configs = []
+        for length in _csv(lengths, int):
+            for pol in _csv(policies):
+                for b in ([None] if pol == "full" else _csv(budgets, int)):
+                    configs.append({"bench": "kl", "model": model, "policy": pol, "budget": b, "length": length,
+                                    "eval": eval_tokens, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
+                                    "prefill_budget": prefill_budget if pol != "full" else None,
+                                    "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")})
+        recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
+        kl_table(recs, out, markdown=markdown)
+    run_guarded(body)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    model: Optional[str] = ModelOpt,
+    policies: str = typer.Option("full,snapkv,pyramidkv", "--policies"),
+    budgets: str = typer.Option("256,1024", "--budgets"),
+    lengths: str = typer.Option("1024,2048,4096,8192,16384", "--lengths"),
+    chunk: int = typer.Option(256, "--chunk"),
+    cache_type: str = typer.Option("f16", "--cache-type"),
+    out_dir: Path = typer.Option(Path("bench-results"), "--out"),
+    markdown: bool = typer.Option(False, "--markdown"),
+):
+    """Allocated KV bytes and peak RSS against prompt length, per policy (each point its own process)."""
+    def body():
+        from .bench.common import run_grid
+        from .bench.report import speed_table
+        configs = []
+        for length in _csv(lengths, int):
+            for pol in _csv(policies):
+                for b in ([None] if pol == "full" else _csv(budgets, int)):
+                    if b is not None and b >= length:
+                        continue
+                    configs.append({"bench": "memory", "model": model, "policy": pol, "budget": b, "length": length,
+                                    "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type})
+        recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
+        speed_table(recs, out, markdown=markdown)
+    run_guarded(body)
 
 
 def main() -> None:

@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from . import capi, models, policies
 from .errors import LocalkvError
 from .llama import TYPE_BYTES, Model, Sampler, Utf8Stream, cache_type, init_backend, last_log_error, ll
@@ -27,6 +29,9 @@ from .policies import DECODE, PREFILL, LayerView
 
 DEFAULT_CTX = 4096
 DEFAULT_CHUNK = 256
+# tokens per KV head kept between prefill chunks by default: prompts up to this length are compressed once,
+# after the whole prompt (as the research methods do); longer ones in a working set of this size
+DEFAULT_PREFILL_BUDGET = 4096
 
 
 def peak_rss_bytes() -> int:
@@ -44,7 +49,8 @@ class GenerationResult:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     first_token_latency_s: float
-    kv_bytes_allocated: int
+    kv_bytes_allocated: int     # KV buffers llama.cpp holds now (budget + one chunk when compressing)
+    kv_bytes_prefill: int       # KV buffers while the prompt went in (the prefill working set)
     kv_bytes_full_f16: int
     kv_tokens_kept: int
     kv_stats_bytes: int
@@ -79,7 +85,8 @@ class MemoryReport:
     tokens: int                 # tokens the figures below are for
     cache_type_k: str
     cache_type_v: str
-    kv_bytes_allocated: int     # from llama.cpp's memory breakdown
+    kv_bytes_allocated: int     # from llama.cpp's memory breakdown (at rest: budget + one chunk)
+    kv_bytes_prefill: int       # the same while a prompt goes in (prefill working set)
     kv_bytes_full_f16: int      # a full f16 cache for `tokens`
     kv_bytes_full_q8_0: int
     kv_bytes_full_q4_0: int
@@ -96,6 +103,7 @@ class Engine:
 
     def __init__(self, model: str | None = None, *, policy: str = "full", budget: int | None = None,
                  policy_args: dict[str, str] | None = None, ctx: int | None = None,
+                 prefill_budget: int | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
                  verbose: bool = False, progress: bool | None = None, eval_callback=None):
@@ -124,6 +132,8 @@ class Engine:
             if budget > limit:
                 raise LocalkvError(f"budget {budget} is larger than the context ({limit} tokens)")
             self.decode_interval = max(1, min(self.decode_interval, self.chunk))
+            if prefill_budget is not None and prefill_budget < budget:
+                raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
         elif budget is not None and policy == "full":
             raise LocalkvError("--budget needs a compressing policy (full keeps everything); see `localkv policies`")
 
@@ -138,9 +148,13 @@ class Engine:
             self._eval_callback = eval_callback
             cp.cb_eval = eval_callback
         if self.policy.compresses:
+            self.prefill_budget = prefill_budget if prefill_budget is not None else max(budget, DEFAULT_PREFILL_BUDGET)
+        else:
+            self.prefill_budget = None
+        if self.policy.compresses:
             self.capacities = self.policy.capacities(budget, shape.n_layer)
-            # room for the largest layer plus one chunk; positions may go far beyond it
-            cp.n_ctx = max(self.capacities) + self.chunk
+            # room for the largest layer's prefill working set plus one chunk; positions may go far beyond it
+            cp.n_ctx = max(self.policy.capacities(self.prefill_budget, shape.n_layer)) + self.chunk
             cp.n_batch = cp.n_ubatch = self.chunk
         else:
             self.capacities = None
@@ -153,15 +167,24 @@ class Engine:
         self.n_batch = cp.n_batch
         self.kv_layers = capi.kv_layers(self.ctx)
         if self.policy.compresses:
-            if len(self.capacities) != len(self.kv_layers):
-                self.capacities = self.policy.capacities(budget, len(self.kv_layers))
+            n = len(self.kv_layers)
+            self.capacities = self.policy.capacities(budget, n)
+            self.prefill_capacities = self.policy.capacities(self.prefill_budget, n)
+            # C's capacity is the budget (AhaKV's k); the prefill working set lives in the headroom
+            self._wide_headroom = max(p - c for p, c in zip(self.prefill_capacities, self.capacities)) + self.chunk
+            self._headroom = self._wide_headroom
             try:
-                capi.enable(self.ctx, self.capacities, self.chunk)
+                capi.enable(self.ctx, self.capacities, self._headroom)
+                # what the prefill working set costs; the cache shrinks to budget + one chunk after each prompt
+                self.kv_bytes_prefill = capi.memory_bytes(self.ctx)
+                self._set_headroom(self.chunk)
             except capi.CapiError as e:
                 if e.code == -2:
                     raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
                                        f"({shape.architecture}): {e}") from None
                 raise
+        if not self.policy.compresses:
+            self.kv_bytes_prefill = capi.memory_bytes(self.ctx)
         self.n_past = 0
         self._history_text = ""  # the rendered text the cache holds (a chat continues after it)
         self.compressions = 0
@@ -211,19 +234,31 @@ class Engine:
                          positions=capi.positions(self.ctx, i, self.shape.n_head_kv), n_seen=self.n_past,
                          phase=phase)
 
-    def compress(self, phase: str, room: int = 0) -> bool:
-        """Bring every layer over its capacity back to it (only if `room` more tokens would not fit)."""
+    def _set_headroom(self, headroom: int) -> None:
+        """Grow the slots for a prefill working set, or shrink back to budget + one chunk (keeps the tokens)."""
+        if headroom != self._headroom:
+            capi.resize(self.ctx, self.capacities, headroom)
+            self._headroom = headroom
+
+    def compress(self, phase: str, room: int = 0, targets: list[int] | None = None) -> bool:
+        """Bring every layer over its target (default: its budget capacity) back to it.
+
+        With `room`, only if `room` more tokens would not fit.
+        """
         if not self.compressing:
             return False
         states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
         if room and all(used + room <= alloc for _cap, alloc, used in states):
             return False
+        targets = targets or [cap for cap, _alloc, _used in states]
         t0 = time.perf_counter()
         did = False
-        for i, (cap, _alloc, used) in enumerate(states):
-            if used <= cap:
+        for i, (_cap, _alloc, used) in enumerate(states):
+            if used <= targets[i]:
                 continue
-            keep = self.policy.select(self.layer_view(i, phase))
+            view = self.layer_view(i, phase)
+            view.capacity = targets[i]
+            keep = self.policy.select(view)
             capi.keep(self.ctx, i, keep)
             did = True
         if did:
@@ -240,7 +275,7 @@ class Engine:
 
     # ---------------------------------------------------------------- decoding
 
-    def _decode(self, tokens: list[int], want_logits: bool) -> None:
+    def _decode(self, tokens: list[int], want_logits: bool, all_logits: bool = False) -> None:
         n = len(tokens)
         batch = ll.llama_batch_init(n, 0, 1)
         try:
@@ -249,7 +284,7 @@ class Engine:
                 batch.pos[i] = self.n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = want_logits and i == n - 1
+                batch.logits[i] = all_logits or (want_logits and i == n - 1)
             batch.n_tokens = n
             rc = ll.llama_decode(self.ctx, batch)
         finally:
@@ -286,11 +321,38 @@ class Engine:
                 f"the prompt needs {self.n_past + len(tokens)} tokens but the context holds {self.n_ctx}: "
                 f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
         self._set_phase(PREFILL)
+        if self.compressing:
+            self._set_headroom(self._wide_headroom)
         chunks = self._chunks(tokens)
         for j, chunk in enumerate(chunks):
-            self.compress(PREFILL, room=len(chunk))
+            self.compress(PREFILL, room=len(chunk), targets=self.prefill_capacities if self.compressing else None)
             self._decode(chunk, want_logits and j == len(chunks) - 1)
-        self.compress(PREFILL)  # question-aware: the last queries of the prompt decide
+        # question-aware: the last queries of the prompt decide what the budget keeps
+        self.compress(PREFILL)
+        if self.compressing:
+            self._set_headroom(self.chunk)
+
+    def log_probs(self, tokens: list[int]) -> np.ndarray:
+        """Teacher-forced log-probabilities [len(tokens), n_vocab] of the next token after each of `tokens`.
+
+        The tokens are fed after what the cache holds (compressing between chunks
+        as usual); the row i is the distribution predicting tokens[i + 1].
+        """
+        if not self.compressing and self.n_past + len(tokens) > self.n_ctx:
+            raise LocalkvError(f"{self.n_past + len(tokens)} tokens do not fit the context ({self.n_ctx})")
+        self._set_phase(PREFILL)
+        rows = []
+        n_vocab = self.shape.n_vocab
+        for i in range(0, len(tokens), self.n_batch):
+            chunk = tokens[i:i + self.n_batch]
+            self.compress(PREFILL, room=len(chunk))
+            self._decode(chunk, True, all_logits=True)
+            logits = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(len(chunk), n_vocab))
+            x = logits.astype(np.float64)
+            x -= x.max(axis=1, keepdims=True)
+            x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+            rows.append(x.astype(np.float32))
+        return np.concatenate(rows)
 
     def step(self, token: int) -> None:
         """Decode one generated token, compressing every decode_interval tokens to hold the budget."""
@@ -307,12 +369,17 @@ class Engine:
     def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
                  max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None,
                  ignore_eos: bool = False, chat: bool = True, keep_history: bool = False,
+                 answer_prefix: str = "", split_before: str | None = None,
                  on_text: Callable[[str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> GenerationResult:
         """Generate a reply. `prompt` is wrapped in the chat template unless chat=False.
 
         With keep_history the cache is not emptied first: `messages` continues
         the conversation the cache already holds (only the new part is fed).
+        answer_prefix is appended after the template (the reply continues it).
+        split_before cuts the prompt at the last occurrence of that text: what
+        comes before is fed and compressed first, without seeing the rest (how
+        every later turn of a chat works; "question-agnostic" compression).
         """
         if max_tokens < 0:
             raise LocalkvError(f"max tokens must be >= 0, got {max_tokens}")
@@ -320,7 +387,7 @@ class Engine:
             if prompt is None:
                 raise LocalkvError("no prompt given")
             messages = [{"role": "user", "content": prompt}]
-        text = self.model.chat_prompt(messages) if chat else (prompt or "")
+        text = (self.model.chat_prompt(messages) if chat else (prompt or "")) + answer_prefix
         if not keep_history:
             self.reset()
         history = self._history_text
@@ -330,13 +397,22 @@ class Engine:
             if keep_history and history:
                 self.reset()
             new_text, add_special = text, True
-        tokens = self.model.tokenize(new_text, add_special=add_special and not chat, parse_special=True)
+        segments = [new_text]
+        if split_before:
+            cut = new_text.rfind(split_before)
+            if cut <= 0:
+                raise LocalkvError("split_before text is not in the prompt")
+            segments = [new_text[:cut], new_text[cut:]]
+        token_segments = [self.model.tokenize(seg, add_special=add_special and not chat and i == 0, parse_special=True)
+                          for i, seg in enumerate(segments)]
+        tokens = [t for seg in token_segments for t in seg]
         if not tokens:
             raise LocalkvError("the prompt is empty")
 
         start_compressions, start_cs = self.compressions, self.compress_seconds
         t0 = time.perf_counter()
-        self.feed(tokens)
+        for seg in token_segments:
+            self.feed(seg)
         t_prefill = time.perf_counter() - t0
 
         sampler = Sampler(temperature, seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -374,7 +450,7 @@ class Engine:
             if on_text:
                 on_text(tail)
         reply = "".join(pieces)
-        self._history_text = text + reply
+        self._history_text = text + reply if answer_prefix == "" else ""
         # tokens decoded after the first sample: one step() each
         steps = max(generated - 1, 0)
         decode_s = (t_end - t_first) if t_first is not None else 0.0
@@ -386,7 +462,8 @@ class Engine:
             prefill_tokens_per_s=len(tokens) / t_prefill if t_prefill > 0 else 0.0,
             decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
             first_token_latency_s=(t_first - t0) if t_first is not None else t_prefill,
-            kv_bytes_allocated=mem, kv_bytes_full_f16=self.full_bytes(self.n_past, "f16"),
+            kv_bytes_allocated=mem, kv_bytes_prefill=self.kv_bytes_prefill,
+            kv_bytes_full_f16=self.full_bytes(self.n_past, "f16"),
             kv_tokens_kept=self.kv_tokens_kept(),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
             compute_bytes=capi.compute_bytes(self.ctx), peak_rss_bytes=peak_rss_bytes(),
@@ -414,7 +491,7 @@ class Engine:
         return MemoryReport(
             model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-            kv_bytes_allocated=capi.memory_bytes(self.ctx),
+            kv_bytes_allocated=capi.memory_bytes(self.ctx), kv_bytes_prefill=self.kv_bytes_prefill,
             kv_bytes_full_f16=self.full_bytes(n, "f16"), kv_bytes_full_q8_0=self.full_bytes(n, "q8_0"),
             kv_bytes_full_q4_0=self.full_bytes(n, "q4_0"),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,

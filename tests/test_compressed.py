@@ -170,15 +170,16 @@ def test_keep_moves_exactly_the_requested_tokens(dumped):
 def test_chunked_prefill_of_8x_the_budget_stays_inside_and_answers(model_path):
     filler = "The river flows past the old mill and the wind moves the grass on the hills. "
     fact = "Remember this: the password for the vault is BLUE-HERON-42. "
-    with make_engine(model_path, policy="snapkv", budget=128, chunk=128) as eng:
+    # prefill_budget = budget: the strict mode, no working set beyond the budget while the prompt goes in
+    with make_engine(model_path, policy="snapkv", budget=128, prefill_budget=128, chunk=128) as eng:
         body = filler * 90
         prompt = body + fact + "Question: what is the password for the vault?"
         allocated = capi.memory_bytes(eng.ctx)
         used_max = []
         orig = eng.compress
 
-        def watched(phase, room=0):
-            did = orig(phase, room)
+        def watched(phase, room=0, targets=None):
+            did = orig(phase, room, targets)
             used_max.append(max(capi.layer_state(eng.ctx, i)[2] for i in range(N_LAYER)))
             return did
         eng.compress = watched
@@ -189,6 +190,45 @@ def test_chunked_prefill_of_8x_the_budget_stays_inside_and_answers(model_path):
         assert capi.memory_bytes(eng.ctx) == allocated       # nothing was reallocated
         assert res.kv_tokens_kept <= 128 + 32
         assert "BLUE-HERON-42" in res.text.replace(" ", "")
+
+
+def test_prefill_working_set_then_shrink_to_the_budget(model_path):
+    """A larger working set while the prompt goes in, then the buffers shrink to budget + one chunk."""
+    filler = "The river flows past the old mill and the wind moves the grass on the hills. "
+    with make_engine(model_path, policy="snapkv", budget=128, prefill_budget=512, chunk=128) as eng:
+        per_slot = N_HEAD_KV * D * 2 * 2
+        assert eng.kv_bytes_prefill == N_LAYER * (512 + 128) * per_slot   # sized for the working set...
+        assert capi.memory_bytes(eng.ctx) == N_LAYER * (128 + 128) * per_slot   # ...held only while prefilling
+        prompt = filler * 30 + "The vault password is BLUE-HERON-42. " + filler * 30 + \
+            "Question: what is the vault password?"
+        res = eng.generate(prompt, max_tokens=16, temperature=0)
+        assert res.prompt_tokens > 1024                               # more than the working set: it compressed
+        after = capi.memory_bytes(eng.ctx)
+        assert after == N_LAYER * (128 + 128) * per_slot              # budget + one chunk, nothing more
+        assert all(capi.layer_state(eng.ctx, i)[2] <= 128 + 16 for i in range(N_LAYER))
+        # a second turn grows the working set again and shrinks back
+        res2 = eng.generate("Say OK.", max_tokens=4, temperature=0)
+        assert capi.memory_bytes(eng.ctx) == after and res2.text
+
+
+def test_resize_refuses_to_drop_tokens(model_path):
+    with make_engine(model_path, policy="snapkv", budget=64, prefill_budget=64, chunk=64) as eng:
+        tokens = eng.model.tokenize(TEXT * 2)
+        eng._decode(tokens[:60], False)
+        eng._decode(tokens[60:120], False)                                   # 120 of 128 slots in use
+        small = (ctypes.c_uint32 * N_LAYER)(*[1] * N_LAYER)
+        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER, 64) == -3    # 96 slots < 120 in use
+        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER, 32) == -6    # headroom < n_ubatch
+        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER - 1, 64) == -1
+        assert capi.layer_state(eng.ctx, 0) == (64, 128, 120)                # nothing changed
+        before = capi.positions(eng.ctx, 0, N_HEAD_KV)
+        vnorm = capi.get_stat(eng.ctx, 0, capi.STAT_VNORM, N_HEAD_KV)
+        capi.resize(eng.ctx, [200] * N_LAYER, 64)                            # grow: tokens and statistics move
+        assert capi.layer_state(eng.ctx, 0) == (200, 288, 120)
+        assert (capi.positions(eng.ctx, 0, N_HEAD_KV) == before).all()
+        np.testing.assert_array_equal(capi.get_stat(eng.ctx, 0, capi.STAT_VNORM, N_HEAD_KV), vnorm)
+        eng._decode(tokens[120:130], True)                                   # still decodes after the move
+        assert capi.layer_state(eng.ctx, 0)[2] == 130
 
 
 def test_decoding_holds_the_budget(model_path):

@@ -19,6 +19,9 @@ class PyramidKV(SnapKV):
 
     beta: int = 20
 
+    def min_budget(self):
+        return self.sinks + self.window + 1  # each layer keeps something beyond its window
+
     def capacities(self, budget, n_layers):
         if n_layers == 1:
             return [budget]
@@ -26,9 +29,18 @@ class PyramidKV(SnapKV):
         low = free / self.beta
         high = 2 * free - low
         step = (high - low) / (n_layers - 1)
-        caps = [self.window + int(round(high - i * step)) for i in range(n_layers)]
-        # rounding drift goes to the lowest layers so the average is the budget exactly
+        floor = self.window + 1  # every layer keeps at least one token beyond its window
+        caps = [max(floor, self.window + int(round(high - i * step))) for i in range(n_layers)]
+        # rounding and the floor drift the total: settle it on the lowest layers so the average is exact
         drift = budget * n_layers - sum(caps)
-        for i in range(abs(drift)):
-            caps[i % n_layers] += 1 if drift > 0 else -1
-        return [max(c, self.window + 1) for c in caps]
+        i = 0
+        while drift != 0:
+            j = i % n_layers
+            if drift > 0:
+                caps[j] += 1
+                drift -= 1
+            elif caps[j] > floor:
+                caps[j] -= 1
+                drift += 1
+            i += 1
+        return caps

@@ -1,0 +1,1 @@
+"""Benchmarks (`localkv bench ...`): each measured configuration runs in its own process so peak RSS is its own."""

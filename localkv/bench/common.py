@@ -1,0 +1,90 @@
+"""Shared bench plumbing: resumable JSON-lines results and running one configuration in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import LocalkvError
+
+
+def config_key(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    """Finished results by config key; a torn last line (interrupted write) is ignored."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "config" in rec:
+            done[config_key(rec["config"])] = rec
+    return done
+
+
+def append_result(path: Path, rec: dict) -> None:
+    """One line per result, flushed and fsynced: finished results survive an interruption."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(rec, sort_keys=True) + "\n").encode()
+    with open(path, "ab") as f:
+        # a torn line left by an earlier crash must not swallow this one
+        if f.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_worker(module: str, cfg: dict, timeout: float = 3600) -> dict:
+    """Run `python -m localkv.bench.<module>` on one config (JSON on stdin), return its JSON result."""
+    proc = subprocess.run([sys.executable, "-m", f"localkv.bench.{module}"], input=json.dumps(cfg),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LocalkvError(f"bench worker failed on {cfg}: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, label: str = "bench") -> list[dict]:
+    """Run every config not already in out_file (resumable), appending each result as it finishes."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = load_results(out_file)
+    todo = [c for c in configs if config_key(c) not in done]
+    records = [done[config_key(c)] for c in configs if config_key(c) in done]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), disable=not progress, transient=True) as bar:
+        task = bar.add_task(label, total=len(configs), completed=len(records))
+        for cfg in todo:
+            bar.update(task, description=f"{label}: {cfg.get('policy')} {cfg.get('budget') or ''} @ {cfg.get('length')}")
+            t0 = time.time()
+            result = run_worker(module, cfg)
+            rec = {"config": cfg, "result": result, "seconds": round(time.time() - t0, 1),
+                   "date": time.strftime("%Y-%m-%d")}
+            append_result(out_file, rec)
+            records.append(rec)
+            bar.advance(task)
+    order = {config_key(c): i for i, c in enumerate(configs)}
+    return sorted(records, key=lambda r: order[config_key(r["config"])])
+
+
+def machine_note() -> str:
+    import os
+    import platform
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores"

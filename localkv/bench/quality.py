@@ -1,0 +1,69 @@
+"""Quality of a policy at a budget on the synthetic tasks, in three settings.
+
+- aware:    the question is part of the compressed prompt (one-shot questions)
+- agnostic: the document is fed and compressed before the question is seen
+            (every later turn of a chat; how kvpress measures)
+- twoturn:  an unrelated first question and its answer, then the task's question
+
+Worker: `python -m localkv.bench.quality < config.json` runs every sample of one
+configuration with one engine and prints per-sample scores as JSON.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+SETTINGS = ("aware", "agnostic", "twoturn")
+FIRST_TURN = "In one short sentence, what kind of text is the above?"
+MAX_TOKENS = {"cwe": 80, "fwe": 40, "vt": 48, "niah_multivalue": 64, "niah_multiquery": 48}
+
+
+def depths_for(samples: int) -> list[float]:
+    """Needle depths spread evenly over the document, ends included."""
+    if samples == 1:
+        return [0.5]
+    return [round(i / (samples - 1) * 0.9 + 0.05, 3) for i in range(samples)]
+
+
+def run(cfg: dict) -> dict:
+    from ..engine import Engine
+    from .tasks import make_sample
+
+    policy = cfg["policy"]
+    eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), policy_args=cfg.get("policy_args"),
+                 prefill_budget=cfg.get("prefill_budget"),
+                 ctx=cfg["length"] + 512 if policy == "full" else None, chunk=cfg.get("chunk", 256),
+                 cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"))
+    results = []
+    t0 = time.time()
+    for i, depth in enumerate(depths_for(cfg["samples"])):
+        s = make_sample(cfg["task"], cfg["length"], depth, cfg.get("seed", 0) * 1000 + i, eng.model.tokenize)
+        max_tokens = MAX_TOKENS.get(s.task, 24)
+        setting = cfg["setting"]
+        if setting == "twoturn":
+            first = [{"role": "user", "content": s.context + "\n\n" + FIRST_TURN}]
+            r1 = eng.generate(messages=first, max_tokens=24, temperature=0)
+            msgs = first + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": s.question}]
+            res = eng.generate(messages=msgs, max_tokens=max_tokens, temperature=0, keep_history=True,
+                               answer_prefix=" " + s.answer_prefix)
+        else:
+            msgs = [{"role": "user", "content": s.context + "\n\n" + s.question}]
+            res = eng.generate(messages=msgs, max_tokens=max_tokens, temperature=0,
+                               answer_prefix=s.answer_prefix,
+                               split_before=s.question if setting == "agnostic" else None)
+        results.append({"depth": depth, "score": s.score(res.text), "output": res.text[:200],
+                        "expected": s.expected, "prompt_tokens": res.prompt_tokens,
+                        "kv_bytes_allocated": res.kv_bytes_allocated, "kv_tokens_kept": res.kv_tokens_kept})
+    eng.close()
+    scores = [r["score"] for r in results]
+    return {"accuracy": sum(scores) / len(scores), "samples": results, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    cfg = json.loads(sys.stdin.read())
+    print(json.dumps(run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

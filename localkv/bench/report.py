@@ -1,0 +1,87 @@
+"""Tables from bench results: a rich table on the terminal, or Markdown for the README."""
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def speed_table(records: list[dict], console, markdown: bool = False) -> None:
+    head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
+            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s"]
+    rows = []
+    for r in records:
+        c, x = r["config"], r["result"]
+        rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
+                     f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
+                     _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
+                     f"{x['compress_s_total']:.2f}"])
+    if markdown:
+        console.print("| " + " | ".join(head) + " |", markup=False)
+        console.print("|" + "---|" * len(head), markup=False)
+        for row in rows:
+            console.print("| " + " | ".join(row) + " |", markup=False)
+        return
+    t = Table(title="speed and memory")
+    for h in head:
+        t.add_column(h, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
+def quality_table(records: list[dict], console, markdown: bool = False) -> None:
+    """Accuracy: one row per (task, length, setting, policy), one column per budget."""
+    budgets = sorted({r["config"]["budget"] for r in records if r["config"]["budget"] is not None})
+    rows: dict[tuple, dict] = {}
+    for r in records:
+        c = r["config"]
+        key = (c["task"], c["length"], c["setting"], c["policy"] + _args(c.get("policy_args")))
+        rows.setdefault(key, {})[c["budget"]] = r["result"]["accuracy"]
+    head = ["task", "length", "setting", "policy"] + [f"budget {b}" for b in budgets]
+    lines = []
+    for (task, length, setting, pol), cells in rows.items():
+        if None in cells:  # full: one value for every budget column
+            vals = [f"{cells[None]:.2f}"] * len(budgets)
+        else:
+            vals = [f"{cells[b]:.2f}" if b in cells else "-" for b in budgets]
+        lines.append([task, str(length), setting, pol] + vals)
+    if markdown:
+        console.print("| " + " | ".join(head) + " |", markup=False)
+        console.print("|" + "---|" * len(head), markup=False)
+        for row in lines:
+            console.print("| " + " | ".join(row) + " |", markup=False)
+        return
+    t = Table(title="accuracy (fraction of expected strings found)")
+    for h in head:
+        t.add_column(h)
+    for row in lines:
+        t.add_row(*row)
+    console.print(t)
+
+
+def _args(args: dict | None) -> str:
+    return "" if not args else " (" + ", ".join(f"{k}={v}" for k, v in sorted(args.items())) + ")"
+
+
+def kl_table(records: list[dict], console, markdown: bool = False) -> None:
+    head = ["context", "policy", "budget", "KL mean", "KL p99", "perplexity", "full ppl", "top-1 agree"]
+    rows = []
+    for r in records:
+        c, x = r["config"], r["result"]
+        rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['kl_mean']:.4f}",
+                     f"{x['kl_p99']:.3f}", f"{x['ppl']:.3f}", f"{x['ppl_full']:.3f}", f"{x['top1_agree']:.1%}"])
+    if markdown:
+        console.print("| " + " | ".join(head) + " |", markup=False)
+        console.print("|" + "---|" * len(head), markup=False)
+        for row in rows:
+            console.print("| " + " | ".join(row) + " |", markup=False)
+        return
+    t = Table(title="KL divergence against the full cache")
+    for h in head:
+        t.add_column(h, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)

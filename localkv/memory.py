@@ -1,0 +1,118 @@
+"""The memory report: what llama.cpp allocated for the KV cache, as tables, plots and JSON.
+
+Every figure labelled "allocated" is read from llama.cpp (its memory breakdown
+and the K/V tensors of each layer); the "full" figures are what an uncompressed
+cache of the same number of tokens would take in f16, q8_0 and q4_0.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from .errors import LocalkvError
+
+if TYPE_CHECKING:  # the engine loads llama.cpp; fmt_bytes and the tables do not need it
+    from .engine import MemoryReport
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def layer_table(rep: MemoryReport) -> Table:
+    title = (f"KV cache of {Path(rep.model).name}: policy {rep.policy}"
+             + (f", budget {rep.budget}" if rep.budget else "") + f", K {rep.cache_type_k} / V {rep.cache_type_v}")
+    t = Table(title=title)
+    for col in ("layer", "K", "V", "tokens/head"):
+        t.add_column(col, justify="right")
+    for lm in rep.layers:
+        t.add_row(str(lm.layer), fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes),
+                  str(lm.capacity if lm.capacity is not None else rep.ctx))
+    return t
+
+
+def totals_table(rep: MemoryReport) -> Table:
+    t = Table(title=f"totals for {rep.tokens} tokens")
+    t.add_column("cache")
+    t.add_column("bytes", justify="right")
+    t.add_column("vs full f16", justify="right")
+    full = rep.kv_bytes_full_f16
+    for name, val in (("allocated (llama.cpp)", rep.kv_bytes_allocated), ("full f16", full),
+                      ("full q8_0", rep.kv_bytes_full_q8_0), ("full q4_0", rep.kv_bytes_full_q4_0)):
+        t.add_row(name, fmt_bytes(val), f"{val / full:.1%}" if full else "-")
+    if rep.kv_bytes_prefill != rep.kv_bytes_allocated:
+        t.add_row("while a prompt goes in", fmt_bytes(rep.kv_bytes_prefill), f"{rep.kv_bytes_prefill / full:.1%}")
+    if rep.kv_stats_bytes:
+        t.add_row("statistics buffers", fmt_bytes(rep.kv_stats_bytes), f"{rep.kv_stats_bytes / full:.1%}")
+    t.add_row("compute buffers", fmt_bytes(rep.compute_bytes), "")
+    return t
+
+
+def compare_table(reports: list[MemoryReport]) -> Table:
+    t = Table(title=f"policies side by side: {reports[0].tokens} tokens, budget {reports[-1].budget}")
+    for col in ("policy", "KV allocated", "vs full f16", "while prefilling", "statistics", "compute"):
+        t.add_column(col, justify="right" if col != "policy" else "left")
+    for r in reports:
+        full = r.kv_bytes_full_f16
+        t.add_row(r.policy, fmt_bytes(r.kv_bytes_allocated), f"{r.kv_bytes_allocated / full:.1%}",
+                  fmt_bytes(r.kv_bytes_prefill), fmt_bytes(r.kv_stats_bytes), fmt_bytes(r.compute_bytes))
+    return t
+
+
+def collect(model: str | None, policies: list[str], budget: int | None, tokens: int, **engine_kw) -> list[MemoryReport]:
+    """A real context per policy (budget for the compressing ones), each reported for `tokens` tokens."""
+    from .engine import Engine
+    out = []
+    for name in policies:
+        full = name == "full"
+        with Engine(model, policy=name, budget=None if full else budget, ctx=tokens if full else None,
+                    **engine_kw) as eng:
+            out.append(eng.memory_report(tokens=tokens))
+    return out
+
+
+def plot(reports: list[MemoryReport], path: str) -> None:
+    """Bytes per layer, K and V stacked, one group of bars per report (PNG, written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not str(path).lower().endswith(".png"):
+        raise LocalkvError(f"--plot writes a PNG: give a file name ending in .png, not {path}")
+    target = Path(path)
+    if not target.parent.exists():
+        raise LocalkvError(f"cannot write {path}: directory {target.parent} does not exist")
+    n_layers = len(reports[0].layers)
+    x = np.arange(n_layers)
+    width = 0.8 / len(reports)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for j, r in enumerate(reports):
+        k = np.array([lm.k_bytes for lm in r.layers]) / 2**20
+        v = np.array([lm.v_bytes for lm in r.layers]) / 2**20
+        label = r.policy + (f" (budget {r.budget})" if r.budget else f" (ctx {r.ctx})")
+        ax.bar(x + j * width, k, width, label=f"{label}: K")
+        ax.bar(x + j * width, v, width, bottom=k, label=f"{label}: V", alpha=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("MiB allocated by llama.cpp")
+    ax.set_title(f"KV bytes per layer, {Path(reports[0].model).name}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)

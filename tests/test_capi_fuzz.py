@@ -1,0 +1,102 @@
+"""Hostile and random arguments to every llama_localkv_* function: error codes, never a crash.
+
+A crash here takes the whole pytest process down, which fails the run.
+"""
+import ctypes
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from localkv import capi
+
+pytestmark = pytest.mark.model
+
+N_LAYER, N_HEAD_KV = 24, 2
+CODES = {0, -1, -2, -3, -4, -5, -6, -7}
+
+
+@pytest.fixture(scope="module")
+def live(model_path):
+    """A compressed context holding 40 tokens (shared by the examples; refilled when a keep empties it)."""
+    from conftest import make_engine
+    eng = make_engine(model_path, policy="snapkv", budget=64, chunk=64)
+    eng._tokens = eng.model.tokenize("The quick brown fox jumps over the lazy dog. " * 8)[:40]
+    yield eng
+    eng.close()
+
+
+def _refill(eng):
+    eng.reset()
+    eng._decode(eng._tokens, False)
+
+
+int32 = st.integers(-2**31, 2**31 - 1)
+small = st.integers(-3, 60)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layer=st.one_of(small, int32), slots=st.lists(st.one_of(small, int32), max_size=130),
+       n_keep=st.one_of(small, int32), stat=st.one_of(st.integers(-2, 8), int32),
+       flags=st.one_of(st.integers(0, 1 << 7), int32.map(lambda x: x & 0xFFFFFFFF)),
+       window=st.one_of(st.integers(0, 70000), st.just(0xFFFFFFFF)), null=st.booleans(), n_out=st.integers(0, 200))
+def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, window, null, n_out):
+    lib, ctx = capi.lib, live.ctx
+    if capi.layer_state(ctx, 0)[2] == 0:
+        _refill(live)
+
+    arr = (ctypes.c_int32 * max(len(slots), 1))(*slots) if slots else None
+    # a too-short slots array would make C read past it: the API can't know the length, so pass what the
+    # declared n_keep needs or NULL (the caller's side of the contract), with hostile values inside
+    if arr is not None and n_keep > 0 and len(slots) < n_keep * N_HEAD_KV:
+        arr = None
+    rc = lib.llama_localkv_keep(ctx, layer, None if null else arr, n_keep)
+    assert rc in CODES
+    if rc == 0:
+        assert capi.layer_state(ctx, layer)[2] == n_keep
+        pos = capi.positions(ctx, layer, N_HEAD_KV)
+        for h in range(N_HEAD_KV):
+            assert len(set(pos[h].tolist())) == n_keep
+
+    fbuf = (ctypes.c_float * max(n_out, 1))()
+    rc = lib.llama_localkv_get_stat(ctx, layer, stat, bool(n_out % 2), None if null else fbuf, n_out)
+    assert rc in CODES or rc > 0
+    ibuf = (ctypes.c_int32 * max(n_out, 1))()
+    rc = lib.llama_localkv_get_positions(ctx, layer, None if null else ibuf, n_out)
+    assert rc in CODES or rc > 0
+    assert lib.llama_localkv_layer_state(ctx, layer, None, None, None) in CODES
+    assert lib.llama_localkv_clear_stat(ctx, stat) in CODES
+    rc = lib.llama_localkv_set_stats(ctx, flags, window)
+    assert rc in CODES
+    capi.set_stats(ctx, [capi.STAT_OBS], 32)  # back to a sane setting for the next example
+
+
+def test_null_context_everywhere():
+    lib = capi.lib
+    assert lib.llama_localkv_memory_bytes(None) == -1
+    assert lib.llama_localkv_compute_bytes(None) == -1
+    assert lib.llama_localkv_n_kv_layers(None) == -1
+    assert lib.llama_localkv_kv_layer_info(None, 0, None, None, None) == -1
+    assert lib.llama_localkv_enabled(None) == -1
+    assert lib.llama_localkv_set_stats(None, 0, 32) == -1
+    assert lib.llama_localkv_layer_state(None, 0, None, None, None) == -1
+    assert lib.llama_localkv_get_positions(None, 0, None, 0) == -1
+    assert lib.llama_localkv_get_stat(None, 0, 0, False, None, 0) == -1
+    assert lib.llama_localkv_keep(None, 0, None, 0) == -1
+    assert lib.llama_localkv_clear_stat(None, 0) == -1
+    assert lib.llama_localkv_stats_bytes(None) == -1
+    assert lib.llama_localkv_enable(None, None, 0, 0) == -1
+    assert isinstance(lib.llama_localkv_last_error(), bytes)
+
+
+def test_decoding_after_random_evictions_still_works(live):
+    _refill(live)
+    rng = np.random.default_rng(3)
+    for i in range(N_LAYER):
+        n = capi.layer_state(live.ctx, i)[2]
+        keep = np.stack([np.sort(rng.choice(n, size=10, replace=False)) for _ in range(N_HEAD_KV)])
+        capi.keep(live.ctx, i, keep)
+    live.n_past = 40
+    live._decode(live._tokens[:5], True)   # attends 10 kept + 5 new tokens per head
+    assert capi.layer_state(live.ctx, 0)[2] == 15

@@ -1,0 +1,131 @@
+"""The `localkv` command as a user runs it: answers, JSON, and bad input as one line with a non-zero exit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, stdin=None, timeout=300):
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "localkv.cli", *args], input=stdin, capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(rc, out, err, match):
+    assert rc != 0
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    assert match in lines[0], err
+
+
+@pytest.fixture
+def tmpfile(tmp_path):
+    def make(name, data: bytes):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return str(p)
+    return make
+
+
+def test_missing_model_file():
+    assert_one_line_error(*run("generate", "hi", "--model", "/nonexistent/model.gguf"), "does not exist")
+
+
+def test_empty_and_non_gguf_and_truncated_model_files(tmpfile, model_path):
+    assert_one_line_error(*run("generate", "hi", "--model", tmpfile("empty.gguf", b"")), "empty")
+    assert_one_line_error(*run("generate", "hi", "--model", tmpfile("text.gguf", b"hello world" * 100)), "GGUF")
+    with open(model_path, "rb") as f:
+        head = f.read(4 << 20)
+    assert_one_line_error(*run("generate", "hi", "--model", tmpfile("cut.gguf", head)), "truncated")
+
+
+def test_unknown_registry_model():
+    rc, out, err = run("models", "path", "no-such-model")
+    assert_one_line_error(rc, out, err, "qwen2.5-coder-0.5b-instruct-q4_k_m")
+
+
+def test_unknown_policy_and_arguments():
+    assert_one_line_error(*run("generate", "hi", "--policy", "magic", "--budget", "64"), "unknown policy")
+    assert_one_line_error(*run("generate", "hi", "--policy", "snapkv", "--budget", "64", "--policy-arg", "nope=1"),
+                          "no argument 'nope'")
+    assert_one_line_error(*run("generate", "hi", "--policy", "snapkv", "--budget", "64", "--policy-arg", "window"),
+                          "NAME=VALUE")
+    assert_one_line_error(*run("generate", "hi", "--policy", "snapkv"), "needs --budget")
+    assert_one_line_error(*run("generate", "hi", "--budget", "64"), "compressing policy")
+
+
+def test_budget_out_of_range():
+    assert_one_line_error(*run("generate", "hi", "--policy", "ahakv", "--budget", "8"), "smaller than")
+    assert_one_line_error(*run("generate", "hi", "--policy", "snapkv", "--budget", "100000"), "larger than the context")
+
+
+def test_prompt_longer_than_context_with_full():
+    assert_one_line_error(*run("generate", "word " * 300, "--ctx", "128", "--max-tokens", "2"), "raise --ctx")
+
+
+def test_non_utf8_prompt_file(tmpfile):
+    assert_one_line_error(*run("generate", "--prompt-file", tmpfile("p.txt", b"caf\xe9 \xff\xfe")), "not UTF-8")
+    assert_one_line_error(*run("generate", "--prompt-file", "/nonexistent.txt"), "cannot read")
+
+
+def test_unknown_cache_type():
+    assert_one_line_error(*run("generate", "hi", "--cache-type-k", "q3_9"), "unknown KV cache type")
+
+
+def test_memory_plot_needs_png(tmp_path):
+    assert_one_line_error(*run("memory", "--ctx", "256", "--plot", str(tmp_path / "x.txt")), ".png")
+
+
+@pytest.mark.model
+def test_generate_answers_and_json_is_complete():
+    rc, out, err = run("generate", "What is the capital of France?", "--temperature", "0", "--max-tokens", "16")
+    assert rc == 0 and "Paris" in out
+    rc, out, err = run("generate", "What is the capital of France?", "--temperature", "0", "--max-tokens", "8",
+                       "--policy", "snapkv", "--budget", "64", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    for key in ("text", "policy", "budget", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "kv_bytes_allocated", "kv_bytes_full_f16", "peak_rss_bytes"):
+        assert key in data
+    assert data["policy"] == "snapkv" and data["budget"] == 64
+
+
+@pytest.mark.model
+def test_memory_report_and_plot(tmp_path):
+    png = tmp_path / "mem.png"
+    rc, out, err = run("memory", "--policy", "pyramidkv", "--budget", "128", "--ctx", "2048", "--json",
+                       "--plot", str(png))
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["kv_bytes_allocated"] == sum(l["k_bytes"] + l["v_bytes"] for l in rep["layers"])
+    assert rep["kv_bytes_full_f16"] == 24 * 2 * 64 * 2 * 2 * 2048
+    assert rep["layers"][0]["capacity"] > rep["layers"][-1]["capacity"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = run("memory", "--compare", "--budget", "128", "--ctx", "2048", "--json")
+    assert rc == 0, err
+    reports = {r["policy"]: r for r in json.loads(out)}
+    assert set(reports) >= {"full", "snapkv", "ahakv", "pyramidkv", "h2o", "streamingllm"}
+    assert reports["snapkv"]["kv_bytes_allocated"] < reports["full"]["kv_bytes_allocated"] / 3
+
+
+@pytest.mark.model
+def test_piped_chat_keeps_history_and_saves(tmp_path):
+    save = tmp_path / "chat.json"
+    script = f"My name is Ada.\nWhat is my name?\n/save {save}\n/exit\n"
+    rc, out, err = run("chat", "--temperature", "0", "--max-tokens", "24", stdin=script)
+    assert rc == 0, err
+    assert "Ada" in out.split("\n", 1)[-1]
+    msgs = json.loads(save.read_text())["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+
+
+@pytest.mark.model
+def test_corrupted_saved_chat_is_refused(tmpfile):
+    bad = tmpfile("bad.json", b"{not json")
+    rc, out, err = run("chat", stdin=f"/load {bad}\n")
+    assert_one_line_error(rc, out, err, "not a saved conversation")

@@ -1,0 +1,188 @@
+"""Policies: property tests over random statistics, and each policy against a plain NumPy reference of
+its paper's formula computed from the real Q, K and V of the default model (read out of the graph)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localkv import capi, policies
+from localkv.errors import LocalkvError
+from localkv.policies import LayerView
+from localkv.policies.base import avg_pool, max_pool
+
+COMPRESSING = [n for n, c in policies.available().items() if c.compresses]
+
+
+def fake_view(rng, n_used, capacity, n_head_kv=2, n_head=14, n_seen=None, phase="prefill"):
+    """A LayerView whose statistics are random (pre-filled, so no context is needed)."""
+    n_seen = n_seen or n_used + int(rng.integers(0, 50))
+    # positions: increasing per head, a random subset of [0, n_seen) that always holds the most recent ones
+    positions = np.stack([np.sort(rng.choice(n_seen, size=n_used, replace=False)) for _ in range(n_head_kv)])
+    view = LayerView(ctx=None, index=0, layer=0, n_layers=1, n_head=n_head, n_head_kv=n_head_kv,
+                     capacity=capacity, positions=positions.astype(np.int32), n_seen=n_seen, phase=phase)
+    for kind in range(capi.STAT_COUNT):
+        view._stats[(kind, True)] = rng.random((n_head_kv, n_used)).astype(np.float32)
+    return view
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), n_used=st.integers(1, 300), slack=st.integers(0, 200),
+       phase=st.sampled_from(["prefill", "decode"]))
+def test_selection_properties(name, seed, n_used, slack, phase):
+    pol = policies.create(name)
+    rng = np.random.default_rng(seed)
+    capacity = max(pol.min_budget() + 1, n_used - slack)
+    view = fake_view(rng, n_used, capacity, phase=phase)
+    keep = pol.select(view)
+    want = min(n_used, capacity)
+    assert keep.shape == (2, want)                                   # budget respected, same count per head
+    assert keep.dtype == np.int32
+    for h in range(2):
+        assert len(set(keep[h].tolist())) == want                    # no duplicates
+        assert keep[h].min() >= 0 and keep[h].max() < n_used         # in range
+        assert (np.diff(keep[h]) > 0).all()                          # sorted
+        protected = np.flatnonzero(pol.protected(view)[h])
+        if len(protected) <= capacity:
+            assert set(protected.tolist()) <= set(keep[h].tolist())  # sinks and window always kept
+    assert (pol.select(view) == keep).all()                          # deterministic
+
+
+@pytest.mark.parametrize("name", COMPRESSING)
+def test_capacities_add_up_to_the_budget(name):
+    pol = policies.create(name)
+    for budget in (pol.min_budget() + 8, 128, 256, 384, 1024):
+        if budget < pol.min_budget() + 1:
+            continue
+        caps = pol.capacities(budget, 24)
+        assert len(caps) == 24
+        assert sum(caps) == budget * 24
+        assert min(caps) > pol.window
+
+
+def test_pyramid_capacities_decrease_linearly():
+    caps = policies.create("pyramidkv").capacities(256, 24)
+    assert caps[0] > caps[12] > caps[-1]
+    diffs = np.diff(caps)
+    assert diffs.max() - diffs.min() <= 2                             # linear up to rounding
+    # beta: the top layer gets about 1/beta of the mean share beyond the window
+    assert abs((caps[-1] - 32) - (256 - 32) / 20) <= 2
+
+
+def test_budget_below_sinks_and_window_is_an_error():
+    with pytest.raises(LocalkvError, match="sinks"):
+        policies.create("ahakv").validate(16)
+    with pytest.raises(LocalkvError, match="unknown policy"):
+        policies.create("nope")
+    with pytest.raises(LocalkvError, match="no argument"):
+        policies.create("snapkv", {"widnow": "8"})
+    with pytest.raises(LocalkvError, match="not a valid int"):
+        policies.create("snapkv", {"window": "x"})
+    assert policies.create("snapkv", {"window": "8", "kernel": "5"}).window == 8
+
+
+def test_span_selection_keeps_spans_whole():
+    pol = policies.create("snapkv", {"span": "4", "window": "0", "kernel": "1"})
+    rng = np.random.default_rng(1)
+    view = fake_view(rng, 64, 16, n_seen=64)
+    view.positions = np.tile(np.arange(64, dtype=np.int32), (2, 1))
+    keep = pol.select(view)
+    for h in range(2):
+        spans = set((view.positions[h][keep[h]] // 4).tolist())
+        assert len(spans) == 4                                       # 16 slots = 4 whole spans
+
+
+def test_pooling_helpers():
+    x = np.array([[0, 5, 0, 0, 1, 0, 0]], dtype=float)
+    assert max_pool(x, 3).tolist() == [[5, 5, 5, 1, 1, 1, 0]]
+    np.testing.assert_allclose(avg_pool(x, 3), [[5 / 3, 5 / 3, 5 / 3, 1 / 3, 1 / 3, 1 / 3, 0]])
+
+
+# ------------------------------------------------------------------ references on the real model
+
+D, N_HEAD, N_HEAD_KV = 64, 14, 2
+GROUP = N_HEAD // N_HEAD_KV
+LAYERS = (0, 9, 23)
+PROMPT = ("Alice keeps the spare key under the blue flower pot next to the garage door. " * 3 +
+          "The meeting moved to Thursday at four in the small conference room. " * 3 +
+          "Question: where is the spare key?")
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _attention_rows(q, k, rows, scales=None):
+    """[H, n] attention of the given query rows (causal: row i sees keys 0..i), summed over rows."""
+    n = k.shape[0]
+    out = np.zeros((N_HEAD, n))
+    for j, i in enumerate(rows):
+        s = (1 / np.sqrt(D)) if scales is None else scales[j]
+        for h in range(N_HEAD):
+            out[h, :i + 1] += _softmax(k[:i + 1, h // GROUP] @ q[i, h] * s)
+    return out
+
+
+def _reference_scores(name, q, k, v, capacity, n):
+    """[Hkv, n] score of every slot by the paper's formula, protected slots at +inf.
+
+    One chunk holds the whole prompt, so slot = position; the cache holds f16 keys.
+    """
+    pos = np.arange(n)
+    if name in ("snapkv", "pyramidkv"):
+        att = _attention_rows(q, k, range(n - 32, n)).reshape(N_HEAD_KV, GROUP, n).sum(1)
+        score, protected = max_pool(att, 7), pos >= n - 32
+    elif name == "h2o":
+        score = _attention_rows(q, k, range(n)).reshape(N_HEAD_KV, GROUP, n).sum(1)
+        protected = pos >= n - int(0.5 * capacity)
+    elif name == "ahakv":
+        rows = list(range(n - 32, n))
+        scales = [np.sqrt(2 * np.log((i + 1) / capacity) / D) if i + 1 > capacity else 1 / np.sqrt(D) for i in rows]
+        ra = _attention_rows(q, k, rows, scales).reshape(N_HEAD_KV, GROUP, n).sum(1)
+        gamma = avg_pool((v.astype(np.float64) ** 2).sum(-1).T, 7)          # ||v||^2 pooled, [Hkv, n]
+        score, protected = gamma / gamma.max(axis=1, keepdims=True) * ra, pos >= n - 32
+    else:  # streamingllm
+        score, protected = np.tile(pos.astype(float), (N_HEAD_KV, 1)), pos < 4
+    return np.where(protected, np.inf, score)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["streamingllm", "h2o", "snapkv", "pyramidkv", "ahakv"])
+def test_policy_matches_numpy_reference_on_real_tensors(model_path, name):
+    from conftest import make_engine
+    from graph_dump import GraphDump
+
+    dump = GraphDump({f"{t}cur-{il}" for t in "QKV" for il in LAYERS})
+    budget = 48
+    chosen = {}
+    with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback) as eng:
+        orig_keep = capi.keep
+
+        def record(ctx, i, slots):
+            chosen.setdefault(i, np.array(slots))
+            orig_keep(ctx, i, slots)
+        capi.keep = record
+        try:
+            tokens = eng.model.tokenize(PROMPT)
+            assert budget < len(tokens) <= 256
+            eng.feed(tokens)         # one chunk, then the final (question-aware) compression
+            dump.end_pass()
+        finally:
+            capi.keep = orig_keep
+        caps = eng.capacities
+    n = len(tokens)
+    for il in LAYERS:
+        q = dump.tensors[f"Qcur-{il}"][0].astype(np.float64)
+        k = dump.tensors[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)   # the cache holds f16 keys
+        v = dump.tensors[f"Vcur-{il}"][0]
+        scores = _reference_scores(name, q, k, v, caps[il], n)
+        for h in range(N_HEAD_KV):
+            got = chosen[il][h]
+            assert len(got) == caps[il] and len(set(got.tolist())) == caps[il]
+            want = np.sort(np.argsort(-scores[h], kind="stable")[:caps[il]])
+            if not np.array_equal(got, want):
+                # ties aside: a slot kept instead of the reference's choice must score the same (within fp noise)
+                kth = np.sort(scores[h])[::-1][caps[il] - 1]
+                for x in set(got.tolist()) ^ set(want.tolist()):
+                    assert abs(scores[h][x] - kth) <= 1e-3 * abs(kth) + 1e-6, f"layer {il} head {h} slot {x}"
