@@ -29,8 +29,9 @@ ModelOpt = typer.Option(None, "--model", "-m", help="registry name or path to a 
 PolicyOpt = typer.Option("full", "--policy", "-p", help="compression policy (see `localkv policies`)")
 BudgetOpt = typer.Option(None, "--budget", "-b", help="tokens kept per KV head (sinks and window included)")
 PrefillOpt = typer.Option(None, "--prefill-budget",
-                          help="tokens per KV head kept between prefill chunks (a larger working set while the "
-                               "prompt goes in; the cache shrinks to --budget after it) [default: 4096, at least --budget]")
+                          help="tokens per KV head kept between prefill chunks: a working set while a prompt goes "
+                               "in, shrunk to --budget after it; 0 = the budget itself (strictly bounded) "
+                               "[default: 4096 or the budget if larger]")
 PolicyArgOpt = typer.Option(None, "--policy-arg", help="override a policy hyper-parameter, NAME=VALUE (repeatable)")
 CtxOpt = typer.Option(None, "--ctx", "-c", help="context size in tokens (full cache) [default: 4096]")
 CacheKOpt = typer.Option("f16", "--cache-type-k", "-ctk", help="K cache type: f16, q8_0, q4_0 (llama.cpp's)")
@@ -296,17 +297,10 @@ def bench_speed(
 ):
     """Prefill/decode speed, allocated KV bytes and peak RSS: full cache vs compressed, per prompt length."""
     def body():
-        from .bench.common import run_grid
+        from .bench.common import grid, run_grid
         from .bench.report import speed_table
-        configs = []
-        for length in _csv(lengths, int):
-            for pol in _csv(policies):
-                for b in ([None] if pol == "full" else _csv(budgets, int)):
-                    if b is not None and b >= length:
-                        continue
-                    configs.append({"bench": "speed", "model": model, "policy": pol, "budget": b, "length": length,
-                                    "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
-                                    "prefill_budget": prefill_budget if pol != "full" else None})
+        base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
+        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -332,7 +326,7 @@ def bench_quality(
 ):
     """Accuracy of each policy and budget on seeded long-context tasks (RULER-style string match)."""
     def body():
-        from .bench.common import run_grid
+        from .bench.common import grid, run_grid
         from .bench.quality import SETTINGS
         from .bench.report import quality_table
         from .bench.tasks import TASKS
@@ -351,15 +345,12 @@ def bench_quality(
             raise LocalkvError("--samples must be at least 1")
         configs = []
         for task in _csv(tasks):
-            for length in _csv(lengths, int):
-                for st in _csv(settings):
-                    for pol in _csv(policies):
-                        for b in ([None] if pol == "full" else _csv(budgets, int)):
-                            configs.append({"bench": "quality", "model": model, "policy": pol, "budget": b,
-                                            "policy_args": pargs if pol != "full" else {}, "task": task,
-                                            "length": length, "setting": st, "samples": samples, "seed": seed,
-                                            "prefill_budget": prefill_budget if pol != "full" else None,
-                                            "chunk": chunk, "ctk": cache_type, "ctv": cache_type})
+            for st in _csv(settings):
+                base = {"bench": "quality", "model": model, "task": task, "setting": st, "samples": samples,
+                        "seed": seed, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
+                for cfg in grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget):
+                    cfg["policy_args"] = pargs if cfg["policy"] != "full" else {}
+                    configs.append(cfg)
         recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")
         quality_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -380,16 +371,11 @@ def bench_kl(
 ):
     """KL divergence and perplexity against the full cache on long English text (Debian's license texts)."""
     def body():
-        from .bench.common import run_grid
+        from .bench.common import grid, run_grid
         from .bench.report import kl_table
-        configs = []
-        for length in _csv(lengths, int):
-            for pol in _csv(policies):
-                for b in ([None] if pol == "full" else _csv(budgets, int)):
-                    configs.append({"bench": "kl", "model": model, "policy": pol, "budget": b, "length": length,
-                                    "eval": eval_tokens, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
-                                    "prefill_budget": prefill_budget if pol != "full" else None,
-                                    "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")})
+        base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
+                "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")}
+        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
         recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
         kl_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -401,6 +387,7 @@ def bench_memory(
     policies: str = typer.Option("full,snapkv,pyramidkv", "--policies"),
     budgets: str = typer.Option("256,1024", "--budgets"),
     lengths: str = typer.Option("1024,2048,4096,8192,16384", "--lengths"),
+    prefill_budget: Optional[int] = PrefillOpt,
     chunk: int = typer.Option(256, "--chunk"),
     cache_type: str = typer.Option("f16", "--cache-type"),
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
@@ -408,18 +395,27 @@ def bench_memory(
 ):
     """Allocated KV bytes and peak RSS against prompt length, per policy (each point its own process)."""
     def body():
-        from .bench.common import run_grid
+        from .bench.common import grid, run_grid
         from .bench.report import speed_table
-        configs = []
-        for length in _csv(lengths, int):
-            for pol in _csv(policies):
-                for b in ([None] if pol == "full" else _csv(budgets, int)):
-                    if b is not None and b >= length:
-                        continue
-                    configs.append({"bench": "memory", "model": model, "policy": pol, "budget": b, "length": length,
-                                    "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type})
+        base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
+        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
         speed_table(recs, out, markdown=markdown)
+    run_guarded(body)
+
+
+@bench_app.command("report")
+def bench_report(
+    results: Path = typer.Option(Path("bench/results"), "--results", help="directory of committed result files"),
+    readme: Path = typer.Option(Path("README.md"), "--readme"),
+):
+    """Regenerate the README's results section (tables and plots) from committed result files."""
+    def body():
+        from .bench.readme import update_readme
+        if not results.is_dir():
+            raise LocalkvError(f"no results directory {results}")
+        update_readme(readme, results)
+        out.print(f"updated {readme} from {results}")
     run_guarded(body)
 
 

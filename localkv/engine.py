@@ -132,6 +132,8 @@ class Engine:
             if budget > limit:
                 raise LocalkvError(f"budget {budget} is larger than the context ({limit} tokens)")
             self.decode_interval = max(1, min(self.decode_interval, self.chunk))
+            if prefill_budget == 0:  # strict: nothing beyond the budget, even while a prompt goes in
+                prefill_budget = budget
             if prefill_budget is not None and prefill_budget < budget:
                 raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
         elif budget is not None and policy == "full":
@@ -251,6 +253,8 @@ class Engine:
         if room and all(used + room <= alloc for _cap, alloc, used in states):
             return False
         targets = targets or [cap for cap, _alloc, _used in states]
+        if room:  # whatever the target, leave room for what comes next
+            targets = [min(t, alloc - room) for t, (_cap, alloc, _used) in zip(targets, states)]
         t0 = time.perf_counter()
         did = False
         for i, (_cap, _alloc, used) in enumerate(states):
@@ -322,7 +326,11 @@ class Engine:
                 f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
         self._set_phase(PREFILL)
         if self.compressing:
-            self._set_headroom(self._wide_headroom)
+            # grow the slots only as far as this prompt needs (a short chat turn needs nothing)
+            states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+            need = max(used + len(tokens) - cap for cap, _alloc, used in states)
+            need = -(-need // self.chunk) * self.chunk
+            self._set_headroom(max(self._headroom, min(self._wide_headroom, need)))
         chunks = self._chunks(tokens)
         for j, chunk in enumerate(chunks):
             self.compress(PREFILL, room=len(chunk), targets=self.prefill_capacities if self.compressing else None)

@@ -129,3 +129,30 @@ def test_corrupted_saved_chat_is_refused(tmpfile):
     bad = tmpfile("bad.json", b"{not json")
     rc, out, err = run("chat", stdin=f"/load {bad}\n")
     assert_one_line_error(rc, out, err, "not a saved conversation")
+
+
+def test_bench_commands_resume_from_finished_results(tmp_path):
+    """With every configuration already in the results file, the commands only render (no model needed)."""
+    from localkv.bench import common
+    base_q = {"bench": "quality", "model": None, "task": "passkey", "setting": "aware", "samples": 1, "seed": 0,
+              "chunk": 256, "ctk": "f16", "ctv": "f16"}
+    for cfg in common.grid(["full", "snapkv"], [128], [1024], base_q):
+        cfg["policy_args"] = {}
+        common.append_result(tmp_path / "quality.jsonl", {"config": cfg, "result": {"accuracy": 0.5}})
+    rc, out, err = run("bench", "quality", "--policies", "full,snapkv", "--budgets", "128", "--lengths", "1024",
+                       "--tasks", "passkey", "--settings", "aware", "--samples", "1", "--out", str(tmp_path),
+                       "--markdown")
+    assert rc == 0, err
+    assert "| passkey | 1024 | aware | snapkv | 0.50 |" in out
+    base_s = {"bench": "speed", "model": None, "decode": 64, "chunk": 256, "ctk": "f16", "ctv": "f16"}
+    x = {"prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 20.0, "kv_bytes_allocated": 2**20,
+         "kv_bytes_full_f16": 2**21, "kv_stats_bytes": 0, "compute_bytes": 0, "peak_rss_bytes": 2**29,
+         "compress_s_total": 0.1}
+    for cfg in common.grid(["full", "snapkv"], [128], [1024], base_s, None, True):
+        common.append_result(tmp_path / "speed.jsonl", {"config": cfg, "result": x})
+    rc, out, err = run("bench", "speed", "--policies", "full,snapkv", "--budgets", "128", "--lengths", "1024",
+                       "--out", str(tmp_path), "--markdown")
+    assert rc == 0, err
+    assert "| 1024 | snapkv | 128 | 100 | 20.0 |" in out
+    rc, out, err = run("bench", "quality", "--tasks", "nope")
+    assert_one_line_error(rc, out, err, "unknown task")

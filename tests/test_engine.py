@@ -74,3 +74,28 @@ def test_uncompressed_path_matches_unpatched_llama_cpp(model_path):
     if upstream_ref.cpu_signature() == ref["cpu"]:
         # same CPU as the recording: bit-identical logits
         assert [s["sha256"] for s in got["steps"]] == [s["sha256"] for s in ref["steps"]]
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_soak_long_chat_memory_stays_flat(model_path):
+    """A scripted chat of 150 turns with a small budget: every turn answers, KV and RSS stay flat."""
+    with make_engine(model_path, policy="snapkv", budget=96, chunk=64, decode_interval=16) as eng:
+        msgs = []
+        rss, kv = [], []
+        for turn in range(150):
+            msgs.append({"role": "user", "content": f"Turn {turn}: repeat the number {turn * 7}."})
+            res = eng.generate(messages=msgs, max_tokens=8, temperature=0, keep_history=True)
+            assert res.text.strip(), f"turn {turn} gave no answer"
+            msgs.append({"role": "assistant", "content": res.text})
+            if turn in (20, 149):
+                rss.append(_rss_bytes())
+                kv.append(res.kv_bytes_allocated)
+        assert eng.n_past > 3000                      # far past the budget (and past chunk + working set)
+        assert eng.kv_tokens_kept() <= 96 + 16
+        assert kv[0] == kv[1]
+        assert rss[1] - rss[0] < 24 * 2**20, rss      # no growth beyond noise
+        assert str(149 * 7) in res.text               # the latest turn still answers about itself

@@ -88,3 +88,17 @@ def machine_note() -> str:
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def grid(policies: list[str], budgets: list[int], lengths: list[int], base: dict,
+         prefill_budget: int | None = None, budget_below_length: bool = False) -> list[dict]:
+    """Configs for every (length, policy, budget): `full` once per length, without budget or working set."""
+    configs = []
+    for length in lengths:
+        for pol in policies:
+            for b in ([None] if pol == "full" else budgets):
+                if budget_below_length and b is not None and b >= length:
+                    continue
+                configs.append({**base, "policy": pol, "budget": b, "length": length,
+                                "prefill_budget": prefill_budget if pol != "full" else None})
+    return configs

@@ -8,28 +8,35 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def speed_table(records: list[dict], console, markdown: bool = False) -> None:
-    head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
-            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s"]
-    rows = []
-    for r in records:
-        c, x = r["config"], r["result"]
-        rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
-                     f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
-                     _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
-                     f"{x['compress_s_total']:.2f}"])
+def emit(head: list[str], rows: list[list[str]], console, markdown: bool, title: str, justify: str = "right") -> None:
+    """Print rows as a Markdown table (for the README) or a rich table."""
     if markdown:
         console.print("| " + " | ".join(head) + " |", markup=False)
         console.print("|" + "---|" * len(head), markup=False)
         for row in rows:
             console.print("| " + " | ".join(row) + " |", markup=False)
         return
-    t = Table(title="speed and memory")
+    t = Table(title=title)
     for h in head:
-        t.add_column(h, justify="right")
+        t.add_column(h, justify=justify)
     for row in rows:
         t.add_row(*row)
     console.print(t)
+
+
+def speed_table(records: list[dict], console, markdown: bool = False) -> None:
+    head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
+            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s"]
+    rows = []
+    for r in records:
+        c, x = r["config"], r["result"]
+        pol = c["policy"] + ("" if c.get("prefill_budget") is None
+                             else f" (prefill {c['prefill_budget'] or 'budget'})")
+        rows.append([str(c["length"]), pol, str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
+                     f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
+                     _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
+                     f"{x['compress_s_total']:.2f}"])
+    emit(head, rows, console, markdown, "speed and memory")
 
 
 def quality_table(records: list[dict], console, markdown: bool = False) -> None:
@@ -48,18 +55,7 @@ def quality_table(records: list[dict], console, markdown: bool = False) -> None:
         else:
             vals = [f"{cells[b]:.2f}" if b in cells else "-" for b in budgets]
         lines.append([task, str(length), setting, pol] + vals)
-    if markdown:
-        console.print("| " + " | ".join(head) + " |", markup=False)
-        console.print("|" + "---|" * len(head), markup=False)
-        for row in lines:
-            console.print("| " + " | ".join(row) + " |", markup=False)
-        return
-    t = Table(title="accuracy (fraction of expected strings found)")
-    for h in head:
-        t.add_column(h)
-    for row in lines:
-        t.add_row(*row)
-    console.print(t)
+    emit(head, lines, console, markdown, "accuracy (fraction of expected strings found)", justify="left")
 
 
 def _args(args: dict | None) -> str:
@@ -73,15 +69,4 @@ def kl_table(records: list[dict], console, markdown: bool = False) -> None:
         c, x = r["config"], r["result"]
         rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['kl_mean']:.4f}",
                      f"{x['kl_p99']:.3f}", f"{x['ppl']:.3f}", f"{x['ppl_full']:.3f}", f"{x['top1_agree']:.1%}"])
-    if markdown:
-        console.print("| " + " | ".join(head) + " |", markup=False)
-        console.print("|" + "---|" * len(head), markup=False)
-        for row in rows:
-            console.print("| " + " | ".join(row) + " |", markup=False)
-        return
-    t = Table(title="KL divergence against the full cache")
-    for h in head:
-        t.add_column(h, justify="right")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    emit(head, rows, console, markdown, "KL divergence against the full cache")

@@ -43,10 +43,13 @@ def measure(cfg: dict) -> dict:
     t_prefill = time.perf_counter() - t0
     compress_prefill = eng.compress_seconds
     sampler = Sampler(0.0, 0)
+    kept_max = eng.kv_tokens_kept()
     t1 = time.perf_counter()
     for _ in range(cfg["decode"]):
         tok = sampler.sample(eng.ctx)
         eng.step(tok)
+        if cfg.get("track_kept"):
+            kept_max = max(kept_max, eng.kv_tokens_kept())
     t_decode = time.perf_counter() - t1
     sampler.close()
     out = {
@@ -61,6 +64,7 @@ def measure(cfg: dict) -> dict:
         "kv_stats_bytes": capi.stats_bytes(eng.ctx) if eng.compressing else 0,
         "compute_bytes": capi.compute_bytes(eng.ctx),
         "kv_tokens_kept": eng.kv_tokens_kept(),
+        "kv_tokens_kept_max": kept_max,
         "peak_rss_bytes": peak_rss_bytes(),
     }
     eng.close()
