@@ -11,7 +11,8 @@ class H2O(Policy):
 
     Score of a token: the attention it has received from every query since it
     arrived (prompt queries of each chunk and every decoded query), summed over
-    the query heads of its KV group. The budget is split between heavy hitters
+    the query heads of its KV group; the sum follows each token for its whole
+    life (never restarted after a compression). The budget is split between heavy hitters
     and the most recent tokens by `recent_ratio` (the paper's 50/50).
     """
 
@@ -39,8 +40,4 @@ class H2O(Policy):
         super().validate(budget)
         if not 0.0 <= self.recent_ratio < 1.0:
             raise LocalkvError(f"recent_ratio must be in [0, 1), got {self.recent_ratio}")
-
-    # the accumulation follows each token for its whole life: nothing to restart
-    def after_compress(self, ctx):
-        return None
 
