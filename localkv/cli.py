@@ -300,41 +300,72 @@ def bench_speed(
         from .bench.common import grid, run_grid
         from .bench.report import speed_table
         base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
-        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
+        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)
 
 
+# quality grids: `small` finishes in about 20 minutes on 2 CPU cores with the default model; `large` is for a GPU
+QUALITY_GRIDS = {
+    "small": {"tasks": "niah_single,niah_multikey", "lengths": "2048", "budgets": "128,512",
+              "settings": "aware,agnostic", "samples": 2},
+    "large": {"tasks": "niah_single,niah_multikey,niah_multivalue,niah_multiquery,passkey,vt,cwe,fwe",
+              "lengths": "2048,4096,8192,16384", "budgets": "128,256,512,1024,2048",
+              "settings": "aware,agnostic,twoturn", "samples": 5},
+}
+
+
+def _policies(text: str) -> list[str]:
+    """A --policies list; 'all' is every policy found in localkv/policies, so new ones join by name alone."""
+    from .policies import available
+    names = list(available()) if text.strip() == "all" else _csv(text)
+    for name in names:
+        if name not in available():
+            raise LocalkvError(f"unknown policy '{name}': choose from {', '.join(available())}")
+    return names
+
+
 @bench_app.command("quality")
 def bench_quality(
     model: Optional[str] = ModelOpt,
-    policies: str = typer.Option("full,streamingllm,h2o,snapkv,pyramidkv,ahakv", "--policies"),
-    budgets: str = typer.Option("128,256,384,1024", "--budgets"),
-    lengths: str = typer.Option("3072", "--lengths", help="context lengths in tokens"),
-    tasks: str = typer.Option("niah_single", "--tasks", help="comma-separated, from: " + ", ".join(
+    grid_name: str = typer.Option("small", "--grid", help="preset for the options left out: small (about 20 min "
+                                  "on 2 CPU cores) or large (a GPU machine)"),
+    policies: str = typer.Option("all", "--policies", help="comma-separated, or all"),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="tokens per KV head, comma-separated"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="context lengths in tokens"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated, from: " + ", ".join(
         ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe"))),
-    settings: str = typer.Option("aware,agnostic", "--settings", help="aware, agnostic, twoturn"),
-    samples: int = typer.Option(5, "--samples", help="samples per cell (needle depths spread evenly)"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="aware, agnostic, twoturn"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="samples per cell (needle depths spread evenly)"),
     seed: int = typer.Option(0, "--seed"),
     policy_arg: Optional[List[str]] = PolicyArgOpt,
     prefill_budget: Optional[int] = PrefillOpt,
     chunk: int = typer.Option(256, "--chunk"),
     cache_type: str = typer.Option("f16", "--cache-type"),
+    anchors: str = typer.Option("q8_0,q4_0", "--anchors",
+                                help="also run the full cache with these llama.cpp KV types ('' for none)"),
+    kvpress: str = typer.Option("", "--kvpress", help="also run NVIDIA kvpress's presses for these of our policies "
+                                "(full, streamingllm, snapkv, h2o, pyramidkv) on transformers; needs .[kvpress]"),
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),
 ):
     """Accuracy of each policy and budget on seeded long-context tasks (RULER-style string match)."""
     def body():
-        from .bench.common import grid, run_grid
-        from .bench.quality import SETTINGS
+        from .bench.common import run_grid
+        from .bench.quality import SETTINGS, quality_configs
         from .bench.report import quality_table
         from .bench.tasks import TASKS
-        from .policies import available, parse_args
+        from .policies import parse_args
+        nonlocal tasks, lengths, budgets, settings, samples
+        if grid_name not in QUALITY_GRIDS:
+            raise LocalkvError(f"unknown grid '{grid_name}': choose from {', '.join(QUALITY_GRIDS)}")
+        preset = QUALITY_GRIDS[grid_name]
+        tasks, lengths = tasks or preset["tasks"], lengths or preset["lengths"]
+        budgets, settings = budgets or preset["budgets"], settings or preset["settings"]
+        samples = preset["samples"] if samples is None else samples
         pargs = parse_args(policy_arg)
-        for name in _csv(policies):
-            if name not in available():
-                raise LocalkvError(f"unknown policy '{name}': choose from {', '.join(available())}")
+        names = _policies(policies)
         for t in _csv(tasks):
             if t not in TASKS:
                 raise LocalkvError(f"unknown task '{t}': choose from {', '.join(TASKS)}")
@@ -343,14 +374,19 @@ def bench_quality(
                 raise LocalkvError(f"unknown setting '{st}': choose from {', '.join(SETTINGS)}")
         if samples < 1:
             raise LocalkvError("--samples must be at least 1")
-        configs = []
-        for task in _csv(tasks):
-            for st in _csv(settings):
-                base = {"bench": "quality", "model": model, "task": task, "setting": st, "samples": samples,
-                        "seed": seed, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
-                for cfg in grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget):
-                    cfg["policy_args"] = pargs if cfg["policy"] != "full" else {}
-                    configs.append(cfg)
+        from .llama import cache_type as check_type
+        for t in [cache_type] + _csv(anchors):
+            check_type(t)
+        from .bench.kvpress_anchor import PRESSES, check_installed
+        for name in _csv(kvpress):
+            if name not in PRESSES:
+                raise LocalkvError(f"kvpress has no press for '{name}': choose from {', '.join(PRESSES)}")
+        if _csv(kvpress):
+            check_installed()
+        configs = quality_configs(
+            names, _csv(tasks), _csv(settings), _csv(lengths, int), _csv(budgets, int),
+            {"bench": "quality", "model": model, "samples": samples, "seed": seed, "chunk": chunk, "ctk": cache_type,
+             "ctv": cache_type}, pargs, prefill_budget, _csv(anchors), _csv(kvpress))
         recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")
         quality_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -359,7 +395,7 @@ def bench_quality(
 @bench_app.command("kl")
 def bench_kl(
     model: Optional[str] = ModelOpt,
-    policies: str = typer.Option("full,streamingllm,h2o,snapkv,pyramidkv,ahakv", "--policies"),
+    policies: str = typer.Option("all", "--policies", help="comma-separated, or all"),
     budgets: str = typer.Option("128,256,512,1024", "--budgets"),
     lengths: str = typer.Option("2048", "--lengths", help="context tokens before the scored window"),
     eval_tokens: int = typer.Option(128, "--eval", help="tokens scored after the context"),
@@ -375,7 +411,7 @@ def bench_kl(
         from .bench.report import kl_table
         base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
                 "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")}
-        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
+        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
         recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
         kl_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -398,7 +434,7 @@ def bench_memory(
         from .bench.common import grid, run_grid
         from .bench.report import speed_table
         base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
-        configs = grid(_csv(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
+        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)

@@ -76,3 +76,47 @@ def test_readme_section_is_regenerated_from_results(tmp_path):
     assert "old" not in text and "tail" in text
     assert "| 2048 | snapkv | 128 | 0.0100 |" in text
     assert "2026-11-23" in text
+
+
+def test_quality_grid_adds_quantized_and_kvpress_anchors():
+    from localkv.bench.quality import quality_configs
+    base = {"bench": "quality", "model": None, "samples": 2, "seed": 0, "chunk": 256, "ctk": "f16", "ctv": "f16"}
+    cfgs = quality_configs(["full", "snapkv"], ["passkey"], ["aware", "twoturn"], [1024, 2048], [128, 512], base,
+                           {"span": 8}, None, ["q8_0"], ["full", "snapkv"])
+    ours = [c for c in cfgs if "worker" not in c]
+    theirs = [c for c in cfgs if "worker" in c]
+    # per setting: full once per length, snapkv per budget and length, one q8_0 full per length
+    assert len(ours) == 2 * (2 + 4 + 2)
+    assert {(c["ctk"], c["length"]) for c in ours if c["ctk"] == "q8_0"} == {("q8_0", 1024), ("q8_0", 2048)}
+    assert all(c["policy_args"] == ({} if c["policy"] == "full" else {"span": 8}) for c in ours)
+    # kvpress: the aware setting only (its pipeline has no second turn), full once per length
+    assert {c["setting"] for c in theirs} == {"aware"}
+    assert sorted((c["policy"], c["budget"], c["length"]) for c in theirs) == [
+        ("kvpress:full", None, 1024), ("kvpress:full", None, 2048), ("kvpress:snapkv", 128, 1024),
+        ("kvpress:snapkv", 128, 2048), ("kvpress:snapkv", 512, 1024), ("kvpress:snapkv", 512, 2048)]
+    assert len({common.config_key(c) for c in cfgs}) == len(cfgs)
+
+
+@pytest.mark.parametrize("n", [129, 200, 1024, 1976, 8191, 16384])
+def test_kvpress_ratio_keeps_exactly_the_budget(n):
+    from localkv.bench.kvpress_anchor import compression_ratio
+    for budget in (1, 64, 128, 512, 1024, 2048):
+        r = compression_ratio(budget, n)
+        assert 0.0 <= r < 1.0
+        assert int(n * (1 - r)) == min(budget, n)  # kvpress's own rounding of the tokens it keeps
+
+
+def test_kvpress_table_pairs_each_press_with_our_policy():
+    from rich.console import Console
+    import io
+    from localkv.bench.report import kvpress_table
+
+    def rec(policy, budget, acc, kv):
+        return {"config": {"task": "passkey", "length": 2048, "setting": "aware", "policy": policy,
+                           "budget": budget, "ctk": "f16"},
+                "result": {"accuracy": acc, "samples": [{"kv_bytes_allocated": kv}]}}
+    buf = io.StringIO()
+    kvpress_table([rec("snapkv", 128, 1.0, 2**20), rec("kvpress:snapkv", 128, 0.5, 3 * 2**20),
+                   rec("ahakv", 128, 1.0, 2**20)], Console(file=buf, width=300), markdown=True)
+    rows = [l for l in buf.getvalue().splitlines() if l.startswith("| passkey")]
+    assert rows == ["| passkey | 2048 | aware | snapkv | 128 | 1.00 | 0.50 | 1.0 | 3.0 |"]

@@ -140,8 +140,8 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
         cfg["policy_args"] = {}
         common.append_result(tmp_path / "quality.jsonl", {"config": cfg, "result": {"accuracy": 0.5}})
     rc, out, err = run("bench", "quality", "--policies", "full,snapkv", "--budgets", "128", "--lengths", "1024",
-                       "--tasks", "passkey", "--settings", "aware", "--samples", "1", "--out", str(tmp_path),
-                       "--markdown")
+                       "--tasks", "passkey", "--settings", "aware", "--samples", "1", "--anchors", "",
+                       "--out", str(tmp_path), "--markdown")
     assert rc == 0, err
     assert "| passkey | 1024 | aware | snapkv | 0.50 |" in out
     base_s = {"bench": "speed", "model": None, "decode": 64, "chunk": 256, "ctk": "f16", "ctv": "f16"}
@@ -156,3 +156,7 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
     assert "| 1024 | snapkv | 128 | 100 | 20.0 |" in out
     rc, out, err = run("bench", "quality", "--tasks", "nope")
     assert_one_line_error(rc, out, err, "unknown task")
+    assert_one_line_error(*run("bench", "quality", "--grid", "huge"), "unknown grid")
+    assert_one_line_error(*run("bench", "quality", "--anchors", "q3_x"), "unknown KV cache type")
+    assert_one_line_error(*run("bench", "quality", "--kvpress", "ahakv"), "kvpress has no press for 'ahakv'")
+    assert_one_line_error(*run("bench", "kl", "--policies", "snapkv,nope"), "unknown policy 'nope'")

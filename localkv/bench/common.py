@@ -70,7 +70,7 @@ def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, l
         for cfg in todo:
             bar.update(task, description=f"{label}: {cfg.get('policy')} {cfg.get('budget') or ''} @ {cfg.get('length')}")
             t0 = time.time()
-            result = run_worker(module, cfg)
+            result = run_worker(cfg.get("worker", module), cfg)
             rec = {"config": cfg, "result": result, "seconds": round(time.time() - t0, 1),
                    "date": time.strftime("%Y-%m-%d")}
             append_result(out_file, rec)

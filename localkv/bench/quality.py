@@ -26,6 +26,34 @@ def depths_for(samples: int) -> list[float]:
     return [round(i / (samples - 1) * 0.9 + 0.05, 3) for i in range(samples)]
 
 
+def quality_configs(policies: list[str], tasks: list[str], settings: list[str], lengths: list[int],
+                    budgets: list[int], base: dict, policy_args: dict, prefill_budget: int | None,
+                    anchors: list[str], kvpress: list[str]) -> list[dict]:
+    """Every run of a quality grid: our policies, the full cache quantized by llama.cpp (`anchors`, KV types)
+    and kvpress's presses for the `kvpress` policies, for each task and setting."""
+    from .common import grid
+    from .kvpress_anchor import PREFIX
+    configs = []
+    for task in tasks:
+        for st in settings:
+            cell = {**base, "task": task, "setting": st}
+            for cfg in grid(policies, budgets, lengths, cell, prefill_budget):
+                cfg["policy_args"] = policy_args if cfg["policy"] != "full" else {}
+                configs.append(cfg)
+            # what users already have: the whole cache, quantized by llama.cpp
+            for kv in anchors:
+                for length in lengths:
+                    configs.append({**cell, "ctk": kv, "ctv": kv, "policy": "full", "budget": None,
+                                    "length": length, "prefill_budget": None, "policy_args": {}})
+            # kvpress on transformers: same prompts and budgets (its pipeline has no second turn)
+            if st != "twoturn":
+                kv_base = {k: cell[k] for k in ("bench", "model", "task", "setting", "samples", "seed")}
+                for cfg in grid(kvpress, budgets, lengths, kv_base):
+                    cfg.pop("prefill_budget")
+                    configs.append({**cfg, "worker": "kvpress_anchor", "policy": PREFIX + cfg["policy"]})
+    return configs
+
+
 def run(cfg: dict) -> dict:
     from ..engine import Engine
     from .tasks import make_sample

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ..errors import LocalkvError
 from .common import load_results
-from .report import _args, kl_table, quality_table, speed_table
+from .report import kl_table, kvpress_table, label, quality_table, speed_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -45,6 +45,45 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _accuracy_plot(plt, quality: list[dict], path: Path) -> None:
+    """Accuracy vs budget, one panel per (setting, length): our policies solid, kvpress's presses dashed in the
+    same colour, the uncompressed anchors (f16, llama.cpp's q8_0/q4_0, transformers) as horizontal lines."""
+    from .kvpress_anchor import PREFIX
+    panels = sorted({(r["config"]["setting"], r["config"]["length"]) for r in quality})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    colours = {}
+    for ax, (setting, length) in zip(axes[0], panels):
+        series, flat = defaultdict(lambda: defaultdict(list)), defaultdict(list)
+        for r in quality:
+            c = r["config"]
+            if (c["setting"], c["length"]) != (setting, length):
+                continue
+            if c["budget"] is None:
+                flat[label(c)].append(r["result"]["accuracy"])
+            else:
+                series[label(c)][c["budget"]].append(r["result"]["accuracy"])
+        for name, pts in sorted(series.items()):
+            base = name.removeprefix(PREFIX)
+            colour = colours.setdefault(base, f"C{len(colours) % 10}")
+            xs = sorted(pts)
+            ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", color=colour, label=name,
+                    linestyle="--" if name.startswith(PREFIX) else "-")
+        styles = iter(["-", "--", ":", "-."] * 3)
+        for name, vals in sorted(flat.items()):
+            ax.axhline(sum(vals) / len(vals), color="black" if not name.startswith(PREFIX) else "grey",
+                       linestyle=next(styles), linewidth=1, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("budget (tokens per KV head)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"question-{setting}, {length} tokens" if setting in ("aware", "agnostic")
+                     else f"{setting}, {length} tokens")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 def plots(results: Path) -> list[str]:
     """Accuracy vs budget per policy; KV memory and decode speed vs context length. Returns the PNG names."""
     import matplotlib
@@ -54,36 +93,7 @@ def plots(results: Path) -> list[str]:
     made = []
     quality = _records(results / "quality.jsonl")
     if quality:
-        settings = sorted({r["config"]["setting"] for r in quality})
-        fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
-        for ax, setting in zip(axes[0], settings):
-            series = defaultdict(list)
-            full = []
-            for r in quality:
-                c = r["config"]
-                if c["setting"] != setting:
-                    continue
-                if c["policy"] == "full":
-                    full.append(r["result"]["accuracy"])
-                else:
-                    series[c["policy"] + _args(c.get("policy_args"))].append((c["budget"], r["result"]["accuracy"]))
-            for name, pts in sorted(series.items()):
-                agg = defaultdict(list)
-                for b, a in pts:
-                    agg[b].append(a)
-                xs = sorted(agg)
-                ax.plot(xs, [sum(agg[x]) / len(agg[x]) for x in xs], marker="o", label=name)
-            if full:
-                ax.axhline(sum(full) / len(full), color="black", linestyle="--", label="full")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("budget (tokens per KV head)")
-            ax.set_ylabel("accuracy")
-            ax.set_ylim(-0.05, 1.05)
-            ax.set_title(f"question-{setting}" if setting in ("aware", "agnostic") else setting)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        _save(fig, results / "accuracy.png")
-        plt.close(fig)
+        _accuracy_plot(plt, quality, results / "accuracy.png")
         made.append("accuracy.png")
 
     for name, key, ylabel, fname in (("memory", "kv_bytes_allocated", "KV MiB allocated", "memory.png"),
@@ -96,14 +106,14 @@ def plots(results: Path) -> list[str]:
         series = defaultdict(list)
         for r in recs:
             c = r["config"]
-            label = c["policy"] + (f" {c['budget']}" if c.get("budget") else "")
-            if c.get("prefill_budget"):
-                label += f" (prefill {c['prefill_budget']})"
+            line = label(c) + (f" {c['budget']}" if c.get("budget") else "")
+            if c.get("prefill_budget") is not None:  # 0 is the strict mode, not the default
+                line += f" (prefill {c['prefill_budget'] or 'budget'})"
             v = r["result"][key]
-            series[label].append((c["length"], v / 2**20 if "bytes" in key else v))
-        for label, pts in sorted(series.items()):
+            series[line].append((c["length"], v / 2**20 if "bytes" in key else v))
+        for line, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=line)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(ylabel)
@@ -136,6 +146,12 @@ def render(results: Path, machine: str) -> str:
                   "`localkv bench quality` (fraction of expected strings found, RULER-style; samples spread "
                   "the needle over the document):", "", _markdown(quality_table, quality),
                   f"![accuracy]({rel}/accuracy.png)", ""]
+        if any(r["config"]["policy"].startswith("kvpress:") for r in quality):
+            parts += ["### Against NVIDIA kvpress", "",
+                      "The same prompts and budgets through kvpress's matching press on transformers (the same GGUF, "
+                      "dequantized to float32 on the CPU); KV MiB is what each cache holds after the prompt "
+                      "(ours: f16 with one chunk of headroom; kvpress: float32):", "",
+                      _markdown(kvpress_table, quality), ""]
     kl = _records(results / "kl.jsonl")
     if kl:
         parts += ["### KL divergence against the full cache", "", _stamp(kl, machine),

@@ -45,7 +45,7 @@ def quality_table(records: list[dict], console, markdown: bool = False) -> None:
     rows: dict[tuple, dict] = {}
     for r in records:
         c = r["config"]
-        key = (c["task"], c["length"], c["setting"], c["policy"] + _args(c.get("policy_args")))
+        key = (c["task"], c["length"], c["setting"], label(c))
         rows.setdefault(key, {})[c["budget"]] = r["result"]["accuracy"]
     head = ["task", "length", "setting", "policy"] + [f"budget {b}" for b in budgets]
     lines = []
@@ -62,6 +62,12 @@ def _args(args: dict | None) -> str:
     return "" if not args else " (" + ", ".join(f"{k}={v}" for k, v in sorted(args.items())) + ")"
 
 
+def label(c: dict) -> str:
+    """A run's name in tables and plots: policy, non-default hyper-parameters, quantized KV type."""
+    kv = c.get("ctk", "f16")
+    return c["policy"] + _args(c.get("policy_args")) + ("" if kv == "f16" else f" ({kv} KV)")
+
+
 def kl_table(records: list[dict], console, markdown: bool = False) -> None:
     head = ["context", "policy", "budget", "KL mean", "KL p99", "perplexity", "full ppl", "top-1 agree"]
     rows = []
@@ -70,3 +76,26 @@ def kl_table(records: list[dict], console, markdown: bool = False) -> None:
         rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['kl_mean']:.4f}",
                      f"{x['kl_p99']:.3f}", f"{x['ppl']:.3f}", f"{x['ppl_full']:.3f}", f"{x['top1_agree']:.1%}"])
     emit(head, rows, console, markdown, "KL divergence against the full cache")
+
+
+def kvpress_table(records: list[dict], console, markdown: bool = False) -> None:
+    """Ours against kvpress's matching press: accuracy and KV bytes, same tasks, prompts and budgets."""
+    from .kvpress_anchor import PREFIX
+    ours, theirs = {}, {}
+    for r in records:
+        c = r["config"]
+        if c.get("ctk", "f16") != "f16" or c.get("policy_args"):
+            continue
+        name = c["policy"]
+        key = (c["task"], c["length"], c["setting"], name.removeprefix(PREFIX), c["budget"])
+        kv = sum(x["kv_bytes_allocated"] for x in r["result"]["samples"]) / len(r["result"]["samples"])
+        (theirs if name.startswith(PREFIX) else ours)[key] = (r["result"]["accuracy"], kv)
+    head = ["task", "length", "setting", "policy", "budget", "localkv accuracy", "kvpress accuracy",
+            "localkv KV MiB", "kvpress KV MiB"]
+    rows = []
+    for key in sorted(k for k in theirs if k in ours):
+        (a, kv_a), (b, kv_b) = ours[key], theirs[key]
+        task, length, setting, name, budget = key
+        rows.append([task, str(length), setting, name, str(budget or "-"), f"{a:.2f}", f"{b:.2f}", _mib(kv_a),
+                     _mib(kv_b)])
+    emit(head, rows, console, markdown, "localkv against kvpress", justify="left")
