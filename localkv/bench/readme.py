@@ -107,8 +107,6 @@ def plots(results: Path) -> list[str]:
         for r in recs:
             c = r["config"]
             line = label(c) + (f" {c['budget']}" if c.get("budget") else "")
-            if c.get("prefill_budget") is not None:  # 0 is the strict mode, not the default
-                line += f" (prefill {c['prefill_budget'] or 'budget'})"
             v = r["result"][key]
             series[line].append((c["length"], v / 2**20 if "bytes" in key else v))
         for line, pts in sorted(series.items()):

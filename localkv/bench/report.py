@@ -30,9 +30,7 @@ def speed_table(records: list[dict], console, markdown: bool = False) -> None:
     rows = []
     for r in records:
         c, x = r["config"], r["result"]
-        pol = c["policy"] + ("" if c.get("prefill_budget") is None
-                             else f" (prefill {c['prefill_budget'] or 'budget'})")
-        rows.append([str(c["length"]), pol, str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
+        rows.append([str(c["length"]), label(c), str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
                      f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
                      _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
                      f"{x['compress_s_total']:.2f}"])
@@ -65,7 +63,10 @@ def _args(args: dict | None) -> str:
 def label(c: dict) -> str:
     """A run's name in tables and plots: policy, non-default hyper-parameters, quantized KV type."""
     kv = c.get("ctk", "f16")
-    return c["policy"] + _args(c.get("policy_args")) + ("" if kv == "f16" else f" ({kv} KV)")
+    name = c["policy"] + _args(c.get("policy_args")) + ("" if kv == "f16" else f" ({kv} KV)")
+    if c.get("prefill_budget") is not None:  # 0 is the strict mode: nothing beyond the budget
+        name += f" (prefill {c['prefill_budget'] or 'budget'})"
+    return name
 
 
 def kl_table(records: list[dict], console, markdown: bool = False) -> None:
@@ -84,8 +85,8 @@ def kvpress_table(records: list[dict], console, markdown: bool = False) -> None:
     ours, theirs = {}, {}
     for r in records:
         c = r["config"]
-        if c.get("ctk", "f16") != "f16" or c.get("policy_args"):
-            continue
+        if c.get("ctk", "f16") != "f16" or c.get("policy_args") or c.get("prefill_budget") is not None:
+            continue  # the default configuration of each policy only
         name = c["policy"]
         key = (c["task"], c["length"], c["setting"], name.removeprefix(PREFIX), c["budget"])
         kv = sum(x["kv_bytes_allocated"] for x in r["result"]["samples"]) / len(r["result"]["samples"])
