@@ -402,6 +402,8 @@ def bench_kl(
     prefill_budget: Optional[int] = PrefillOpt,
     chunk: int = typer.Option(256, "--chunk"),
     cache_type: str = typer.Option("f16", "--cache-type"),
+    anchors: str = typer.Option("q8_0,q4_0", "--anchors",
+                                help="also measure the full cache with these llama.cpp KV types ('' for none)"),
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),
 ):
@@ -411,7 +413,12 @@ def bench_kl(
         from .bench.report import kl_table
         base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
                 "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")}
+        from .llama import cache_type as check_type
+        for t in [cache_type] + _csv(anchors):
+            check_type(t)
         configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
+        configs += [{**base, "ctk": t, "ctv": t, "policy": "full", "budget": None, "length": n, "prefill_budget": None}
+                    for t in _csv(anchors) for n in _csv(lengths, int)]
         recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
         kl_table(recs, out, markdown=markdown)
     run_guarded(body)

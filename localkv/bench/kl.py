@@ -43,11 +43,11 @@ def run(cfg: dict) -> dict:
     ref_dir = Path(cfg["ref_dir"])
     ref_dir.mkdir(parents=True, exist_ok=True)
 
-    def engine(policy, budget):
+    def engine(policy, budget, ctk="f16", ctv="f16"):
         return Engine(cfg.get("model"), policy=policy, budget=budget,
                       prefill_budget=cfg.get("prefill_budget") if policy != "full" else None,
                       ctx=length + n_eval + 64 if policy == "full" else None, chunk=cfg.get("chunk", 256),
-                      cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"))
+                      cache_type_k=ctk, cache_type_v=ctv)
 
     with engine("full", None) as probe:
         tokens = probe.model.tokenize(corpus())
@@ -68,10 +68,12 @@ def run(cfg: dict) -> dict:
         Path(str(ref_path.with_suffix(".tmp.npy"))).replace(ref_path)
     ref = ref.astype(np.float64)
 
-    if cfg["policy"] == "full":
+    # the reference is always the full f16 cache; a quantized full cache (an anchor) is measured against it
+    kv = (cfg.get("ctk", "f16"), cfg.get("ctv", "f16"))
+    if cfg["policy"] == "full" and kv == ("f16", "f16"):
         got = ref
     else:
-        with engine(cfg["policy"], cfg["budget"]) as eng:
+        with engine(cfg["policy"], cfg["budget"], *kv) as eng:
             eng.feed(ctx_tokens, want_logits=False)
             got = eng.log_probs(eval_tokens[:-1]).astype(np.float64)
     p = np.exp(ref)

@@ -74,7 +74,7 @@ def kl_table(records: list[dict], console, markdown: bool = False) -> None:
     rows = []
     for r in records:
         c, x = r["config"], r["result"]
-        rows.append([str(c["length"]), c["policy"], str(c["budget"] or "-"), f"{x['kl_mean']:.4f}",
+        rows.append([str(c["length"]), label(c), str(c["budget"] or "-"), f"{x['kl_mean']:.4f}",
                      f"{x['kl_p99']:.3f}", f"{x['ppl']:.3f}", f"{x['ppl_full']:.3f}", f"{x['top1_agree']:.1%}"])
     emit(head, rows, console, markdown, "KL divergence against the full cache")
 
