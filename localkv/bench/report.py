@@ -46,8 +46,13 @@ def quality_table(records: list[dict], console, markdown: bool = False) -> None:
         key = (c["task"], c["length"], c["setting"], label(c))
         rows.setdefault(key, {})[c["budget"]] = r["result"]["accuracy"]
     head = ["task", "length", "setting", "policy"] + [f"budget {b}" for b in budgets]
+
+    def order(key):  # the full cache, our policies, llama.cpp's quantized caches, then kvpress
+        task, length, setting, pol = key
+        rank = 0 if pol == "full" else 3 if pol.startswith("kvpress:") else 2 if " KV)" in pol else 1
+        return (task, setting, length, rank, pol)
     lines = []
-    for (task, length, setting, pol), cells in rows.items():
+    for (task, length, setting, pol), cells in sorted(rows.items(), key=lambda kv: order(kv[0])):
         if None in cells:  # full: one value for every budget column
             vals = [f"{cells[None]:.2f}"] * len(budgets)
         else:
