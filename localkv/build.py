@@ -230,7 +230,8 @@ def make_tree(dest: Path) -> None:
     sdist = fetch_sdist()
     with tempfile.TemporaryDirectory() as tmp:
         src = extract_sdist(sdist, Path(tmp))
-        shutil.copytree(src / VENDOR, dest)
+        # the sdist keeps llama.cpp's submodule gitlink (.git, a file pointing outside): not a repository here
+        shutil.copytree(src / VENDOR, dest, ignore=lambda d, names: [".git"] if Path(d) == src / VENDOR else [])
     git = ["git", "-c", "user.name=localkv", "-c", "user.email=dev@localkv"]
     run(["git", "init", "-q"], cwd=dest)
     run(["git", "add", "-A"], cwd=dest)

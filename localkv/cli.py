@@ -316,6 +316,15 @@ QUALITY_GRIDS = {
 }
 
 
+def _anchor_types(cache_type: str, anchors: str) -> list[str]:
+    """The --anchors KV types, checked together with --cache-type."""
+    from .llama import cache_type as check_type
+    types = _csv(anchors)
+    for t in [cache_type] + types:
+        check_type(t)
+    return types
+
+
 def _policies(text: str) -> list[str]:
     """A --policies list; 'all' is every policy found in localkv/policies, so new ones join by name alone."""
     from .policies import available
@@ -374,9 +383,7 @@ def bench_quality(
                 raise LocalkvError(f"unknown setting '{st}': choose from {', '.join(SETTINGS)}")
         if samples < 1:
             raise LocalkvError("--samples must be at least 1")
-        from .llama import cache_type as check_type
-        for t in [cache_type] + _csv(anchors):
-            check_type(t)
+        kv_anchors = _anchor_types(cache_type, anchors)
         from .bench.kvpress_anchor import PRESSES, check_installed
         for name in _csv(kvpress):
             if name not in PRESSES:
@@ -386,7 +393,7 @@ def bench_quality(
         configs = quality_configs(
             names, _csv(tasks), _csv(settings), _csv(lengths, int), _csv(budgets, int),
             {"bench": "quality", "model": model, "samples": samples, "seed": seed, "chunk": chunk, "ctk": cache_type,
-             "ctv": cache_type}, pargs, prefill_budget, _csv(anchors), _csv(kvpress))
+             "ctv": cache_type}, pargs, prefill_budget, kv_anchors, _csv(kvpress))
         recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")
         quality_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -409,16 +416,13 @@ def bench_kl(
 ):
     """KL divergence and perplexity against the full cache on long English text (Debian's license texts)."""
     def body():
-        from .bench.common import grid, run_grid
+        from .bench.common import anchor_configs, grid, run_grid
         from .bench.report import kl_table
         base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
                 "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")}
-        from .llama import cache_type as check_type
-        for t in [cache_type] + _csv(anchors):
-            check_type(t)
+        kv_anchors = _anchor_types(cache_type, anchors)
         configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
-        configs += [{**base, "ctk": t, "ctv": t, "policy": "full", "budget": None, "length": n, "prefill_budget": None}
-                    for t in _csv(anchors) for n in _csv(lengths, int)]
+        configs += anchor_configs(base, kv_anchors, _csv(lengths, int))
         recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
         kl_table(recs, out, markdown=markdown)
     run_guarded(body)

@@ -156,7 +156,12 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
     assert "| 1024 | snapkv | 128 | 100 | 20.0 |" in out
     rc, out, err = run("bench", "quality", "--tasks", "nope")
     assert_one_line_error(rc, out, err, "unknown task")
-    assert_one_line_error(*run("bench", "quality", "--grid", "huge"), "unknown grid")
-    assert_one_line_error(*run("bench", "quality", "--anchors", "q3_x"), "unknown KV cache type")
-    assert_one_line_error(*run("bench", "quality", "--kvpress", "ahakv"), "kvpress has no press for 'ahakv'")
-    assert_one_line_error(*run("bench", "kl", "--policies", "snapkv,nope"), "unknown policy 'nope'")
+    # refused before anything runs: no worker starts, no results file appears
+    fresh = str(tmp_path / "untouched")
+    assert_one_line_error(*run("bench", "quality", "--grid", "huge", "--out", fresh), "unknown grid")
+    assert_one_line_error(*run("bench", "quality", "--anchors", "q3_x", "--out", fresh), "unknown KV cache type")
+    assert_one_line_error(*run("bench", "kl", "--anchors", "q3_x", "--out", fresh), "unknown KV cache type")
+    assert_one_line_error(*run("bench", "quality", "--kvpress", "ahakv", "--out", fresh),
+                          "kvpress has no press for 'ahakv'")
+    assert_one_line_error(*run("bench", "kl", "--policies", "snapkv,nope", "--out", fresh), "unknown policy 'nope'")
+    assert not (tmp_path / "untouched").exists()

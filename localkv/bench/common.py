@@ -80,6 +80,12 @@ def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, l
     return sorted(records, key=lambda r: order[config_key(r["config"])])
 
 
+def anchor_configs(base: dict, kv_types: list[str], lengths: list[int]) -> list[dict]:
+    """The full cache quantized by llama.cpp (what users already have), once per KV type and length."""
+    return [{**base, "ctk": t, "ctv": t, "policy": "full", "budget": None, "length": n, "prefill_budget": None}
+            for t in kv_types for n in lengths]
+
+
 def machine_note() -> str:
     import os
     import platform

@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 PRESSES = {"full": None, "streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress",
@@ -131,15 +132,7 @@ def run(cfg: dict) -> dict:
                         "prompt_tokens": n_ctx, "kv_tokens_kept": kept, "kv_bytes_allocated": _kv_bytes(cache)})
     scores = [r["score"] for r in results]
     return {"accuracy": sum(scores) / len(scores), "samples": results, "seconds": round(time.time() - t0, 1),
-            "kvpress_version": getattr(kvpress, "__version__", None) or _version("kvpress")}
-
-
-def _version(pkg: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return None
+            "kvpress_version": version("kvpress")}
 
 
 def main() -> None:

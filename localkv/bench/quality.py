@@ -31,7 +31,7 @@ def quality_configs(policies: list[str], tasks: list[str], settings: list[str], 
                     anchors: list[str], kvpress: list[str]) -> list[dict]:
     """Every run of a quality grid: our policies, the full cache quantized by llama.cpp (`anchors`, KV types)
     and kvpress's presses for the `kvpress` policies, for each task and setting."""
-    from .common import grid
+    from .common import anchor_configs, grid
     from .kvpress_anchor import PREFIX
     configs = []
     for task in tasks:
@@ -40,11 +40,7 @@ def quality_configs(policies: list[str], tasks: list[str], settings: list[str], 
             for cfg in grid(policies, budgets, lengths, cell, prefill_budget):
                 cfg["policy_args"] = policy_args if cfg["policy"] != "full" else {}
                 configs.append(cfg)
-            # what users already have: the whole cache, quantized by llama.cpp
-            for kv in anchors:
-                for length in lengths:
-                    configs.append({**cell, "ctk": kv, "ctv": kv, "policy": "full", "budget": None,
-                                    "length": length, "prefill_budget": None, "policy_args": {}})
+            configs += [{**cfg, "policy_args": {}} for cfg in anchor_configs(cell, anchors, lengths)]
             # kvpress on transformers: same prompts and budgets (its pipeline has no second turn)
             if st != "twoturn":
                 kv_base = {k: cell[k] for k in ("bench", "model", "task", "setting", "samples", "seed")}

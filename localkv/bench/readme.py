@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ..errors import LocalkvError
 from .common import load_results
+from .kvpress_anchor import PREFIX
 from .report import kl_table, kvpress_table, label, quality_table, speed_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -48,7 +49,6 @@ def _save(fig, path: Path) -> None:
 def _accuracy_plot(plt, quality: list[dict], path: Path) -> None:
     """Accuracy vs budget, one panel per (setting, length): our policies solid, kvpress's presses dashed in the
     same colour, the uncompressed anchors (f16, llama.cpp's q8_0/q4_0, transformers) as horizontal lines."""
-    from .kvpress_anchor import PREFIX
     panels = sorted({(r["config"]["setting"], r["config"]["length"]) for r in quality})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     colours = {}
@@ -144,7 +144,7 @@ def render(results: Path, machine: str) -> str:
                   "`localkv bench quality` (fraction of expected strings found, RULER-style; samples spread "
                   "the needle over the document):", "", _markdown(quality_table, quality),
                   f"![accuracy]({rel}/accuracy.png)", ""]
-        if any(r["config"]["policy"].startswith("kvpress:") for r in quality):
+        if any(r["config"]["policy"].startswith(PREFIX) for r in quality):
             parts += ["### Against NVIDIA kvpress", "",
                       "The same prompts and budgets through kvpress's matching press on transformers (the same GGUF, "
                       "dequantized to float32 on the CPU); KV MiB is what each cache holds after the prompt "

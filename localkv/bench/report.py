@@ -39,20 +39,19 @@ def speed_table(records: list[dict], console, markdown: bool = False) -> None:
 
 def quality_table(records: list[dict], console, markdown: bool = False) -> None:
     """Accuracy: one row per (task, length, setting, policy), one column per budget."""
+    from .kvpress_anchor import PREFIX
     budgets = sorted({r["config"]["budget"] for r in records if r["config"]["budget"] is not None})
     rows: dict[tuple, dict] = {}
     for r in records:
         c = r["config"]
-        key = (c["task"], c["length"], c["setting"], label(c))
+        # rows in order: the f16 full cache, our policies, llama.cpp's quantized caches, then kvpress
+        rank = (3 if c["policy"].startswith(PREFIX) else 2 if c.get("ctk", "f16") != "f16"
+                else 0 if c["policy"] == "full" else 1)
+        key = (c["task"], c["setting"], c["length"], rank, label(c))
         rows.setdefault(key, {})[c["budget"]] = r["result"]["accuracy"]
     head = ["task", "length", "setting", "policy"] + [f"budget {b}" for b in budgets]
-
-    def order(key):  # the full cache, our policies, llama.cpp's quantized caches, then kvpress
-        task, length, setting, pol = key
-        rank = 0 if pol == "full" else 3 if pol.startswith("kvpress:") else 2 if " KV)" in pol else 1
-        return (task, setting, length, rank, pol)
     lines = []
-    for (task, length, setting, pol), cells in sorted(rows.items(), key=lambda kv: order(kv[0])):
+    for (task, setting, length, _rank, pol), cells in sorted(rows.items()):
         if None in cells:  # full: one value for every budget column
             vals = [f"{cells[None]:.2f}"] * len(budgets)
         else:
