@@ -26,6 +26,7 @@ from . import capi, models, policies
 from .errors import LocalkvError
 from .llama import TYPE_BYTES, Model, Sampler, Utf8Stream, cache_type, init_backend, last_log_error, ll
 from .policies import DECODE, PREFILL, LayerView
+from .words import WordIndex
 
 DEFAULT_CTX = 4096
 DEFAULT_CHUNK = 256
@@ -188,6 +189,7 @@ class Engine:
         if not self.policy.compresses:
             self.kv_bytes_prefill = capi.memory_bytes(self.ctx)
         self.n_past = 0
+        self._words = WordIndex(self.model.piece)  # which positions form one word (policies keep words whole)
         self._history_text = ""  # the rendered text the cache holds (a chat continues after it)
         self.compressions = 0
         self.compress_seconds = 0.0
@@ -215,6 +217,7 @@ class Engine:
         """Forget the conversation (the cache is emptied, its buffers stay)."""
         ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
         self.n_past = 0
+        self._words.reset()
         self._history_text = ""
 
     # ---------------------------------------------------------------- compression
@@ -231,10 +234,10 @@ class Engine:
 
     def layer_view(self, i: int, phase: str) -> LayerView:
         cap, _alloc, _used = capi.layer_state(self.ctx, i)
+        positions = capi.positions(self.ctx, i, self.shape.n_head_kv)
         return LayerView(ctx=self.ctx, index=i, layer=self.kv_layers[i][0], n_layers=len(self.kv_layers),
                          n_head=self.shape.n_head, n_head_kv=self.shape.n_head_kv, capacity=cap,
-                         positions=capi.positions(self.ctx, i, self.shape.n_head_kv), n_seen=self.n_past,
-                         phase=phase)
+                         positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions))
 
     def _set_headroom(self, headroom: int) -> None:
         """Grow the slots for a prefill working set, or shrink back to budget + one chunk (keeps the tokens)."""
@@ -295,6 +298,7 @@ class Engine:
             ll.llama_batch_free(batch)
         if rc != 0:
             raise LocalkvError(f"llama_decode failed with code {rc} at position {self.n_past}: {last_log_error()}")
+        self._words.extend(tokens)
         self.n_past += n
 
     def _chunks(self, tokens: list[int]) -> list[list[int]]:

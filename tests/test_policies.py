@@ -95,6 +95,43 @@ def test_span_selection_keeps_spans_whole():
         assert len(spans) == 4                                       # 16 slots = 4 whole spans
 
 
+def test_whole_words_keep_every_piece_of_a_hit_word():
+    assert all(policies.create(n).whole_words for n in COMPRESSING)  # the default everywhere
+    pol = policies.create("snapkv", {"window": "0", "kernel": "1"})
+    rng = np.random.default_rng(3)
+    view = fake_view(rng, 40, 10, n_seen=40)
+    view.positions = np.tile(np.arange(40, dtype=np.int32), (2, 1))
+    # words of 5 tokens; one token of word 3 and one of word 6 score highest in head 0
+    view.words = np.tile(np.arange(40) // 5, (2, 1))
+    stat = np.full((2, 40), 0.01, dtype=np.float32)
+    stat[0, 17], stat[0, 33] = 5.0, 4.0
+    stat[1, 2] = 5.0
+    for kind in range(capi.STAT_COUNT):
+        view._stats[(kind, True)] = stat
+    keep = pol.select(view)
+    assert keep[0].tolist() == list(range(15, 20)) + list(range(30, 35))
+    assert set(range(0, 5)) <= set(keep[1].tolist())
+    exact = policies.create("snapkv", {"window": "0", "kernel": "1", "whole_words": "false"}).select(view)
+    assert 17 in exact[0] and not set(range(15, 20)) <= set(exact[0].tolist())  # the paper's top-k breaks the word
+
+
+def test_group_max_and_word_index():
+    from localkv.policies.base import group_max
+    from localkv.words import MAX_WORD_TOKENS, WordIndex
+    s = np.array([[1.0, 3.0, 2.0, 0.0, 5.0]])
+    assert group_max(s, np.array([[0, 0, 1, 1, 2]])).tolist() == [[3.0, 3.0, 2.0, 2.0, 5.0]]
+    pieces = {1: b" cobalt", 2: b"-", 3: b"7", 4: b"3", 5: b".", 6: b"\n", 7: b"Next", 8: b"", 9: b"x"}
+    idx = WordIndex(pieces.__getitem__)
+    idx.extend([1, 2, 3, 4, 5])
+    idx.extend([6, 7, 8, 1])
+    assert idx.of(np.arange(9)).tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4]
+    assert idx.of(np.array([9, 10])).tolist() == [-10, -11]           # not fed yet: ids of their own
+    idx.reset()
+    idx.extend([9] * (MAX_WORD_TOKENS + 3))                           # a long run without spaces is cut
+    ids = idx.of(np.arange(MAX_WORD_TOKENS + 3))
+    assert (ids[:MAX_WORD_TOKENS] == 0).all() and (ids[MAX_WORD_TOKENS:] == 1).all()
+
+
 def test_pooling_helpers():
     x = np.array([[0, 5, 0, 0, 1, 0, 0]], dtype=float)
     assert max_pool(x, 3).tolist() == [[5, 5, 5, 1, 1, 1, 0]]
@@ -127,8 +164,9 @@ def _attention_rows(q, k, rows, scales=None):
     return out
 
 
-def _reference_scores(name, q, k, v, capacity, n):
-    """[Hkv, n] score of every slot by the paper's formula, protected slots at +inf.
+def _reference_scores(name, q, k, v, capacity, n, pool=1, whole_words=False, words=None):
+    """[Hkv, n] score of every slot by the paper's formula, protected slots at +inf; then the defaults that keep
+    facts whole, when asked: the final score max-pooled over `pool` slots, and each word's best score for all of it.
 
     One chunk holds the whole prompt, so slot = position; the cache holds f16 keys.
     """
@@ -147,19 +185,50 @@ def _reference_scores(name, q, k, v, capacity, n):
         score, protected = gamma / gamma.max(axis=1, keepdims=True) * ra, pos >= n - 32
     else:  # streamingllm
         score, protected = np.tile(pos.astype(float), (N_HEAD_KV, 1)), pos < 4
+    score = max_pool(score, pool)
+    if whole_words:
+        score = _word_max(score, words)
     return np.where(protected, np.inf, score)
 
 
+def _reference_words(pieces):
+    """Word id per token, by the rule written out independently: a word starts at a piece beginning with
+    whitespace, after a piece ending with whitespace, at a special token (empty piece), or after 32 pieces."""
+    ids, word, run, prev = [], -1, 0, b" "
+    for p in pieces:
+        if not p or p[:1] in (b" ", b"\n", b"\t", b"\r") or prev[-1:] in (b" ", b"\n", b"\t", b"\r", b"") or run >= 32:
+            word, run = word + 1, 0
+        ids.append(word)
+        run += 1
+        prev = p
+    return np.array(ids)
+
+
+def _word_max(scores, words):
+    out = scores.copy()
+    for w in np.unique(words):
+        m = words == w
+        out[:, m] = scores[:, m].max(axis=1, keepdims=True)
+    return out
+
+
+# (policy, paper-exact): the paper's formula alone, or with the default that keeps words whole
+REFERENCE_CASES = [(n, exact) for n in ["streamingllm", "h2o", "snapkv", "pyramidkv", "ahakv"] for exact in (True, False)]
+
+
 @pytest.mark.model
-@pytest.mark.parametrize("name", ["streamingllm", "h2o", "snapkv", "pyramidkv", "ahakv"])
-def test_policy_matches_numpy_reference_on_real_tensors(model_path, name):
+@pytest.mark.parametrize("name,exact", REFERENCE_CASES)
+def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact):
     from conftest import make_engine
     from graph_dump import GraphDump
 
     dump = GraphDump({f"{t}cur-{il}" for t in "QKV" for il in LAYERS})
     budget = 48
     chosen = {}
-    with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback) as eng:
+    args = {"whole_words": "false", "pool": "1"} if exact else {}
+    with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback,
+                     policy_args=args) as eng:
+        pol = eng.policy
         orig_keep = capi.keep
 
         def record(ctx, i, slots):
@@ -174,12 +243,13 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name):
         finally:
             capi.keep = orig_keep
         caps = eng.capacities
+        words = _reference_words([eng.model.piece(t) for t in tokens])
     n = len(tokens)
     for il in LAYERS:
         q = dump.tensors[f"Qcur-{il}"][0].astype(np.float64)
         k = dump.tensors[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)   # the cache holds f16 keys
         v = dump.tensors[f"Vcur-{il}"][0]
-        scores = _reference_scores(name, q, k, v, caps[il], n)
+        scores = _reference_scores(name, q, k, v, caps[il], n, pol.pool, not exact and pol.whole_words, words)
         for h in range(N_HEAD_KV):
             got = chosen[il][h]
             assert len(got) == caps[il] and len(set(got.tolist())) == caps[il]

@@ -4,8 +4,10 @@ A policy is a dataclass whose fields are its hyper-parameters. It says which
 statistics the engine must compute (`needs`), how a total budget is shared out
 over layers (`capacities`), and how much each kept token is worth (`score`,
 per KV head and slot). Everything else is shared here: the tokens that are
-always kept (the first `sinks` and the last `window` positions), the optional
-span-level selection that keeps facts whole, and the top-k itself.
+always kept (the first `sinks` and the last `window` positions), what keeps
+multi-token facts whole (max-pooling the final score over `pool` slots, giving
+every token of a word the best score of its word with `whole_words`, or
+fixed spans of `span` positions), and the top-k itself.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class LayerView:
     positions: np.ndarray  # [n_head_kv, n_used] token positions in the slots
     n_seen: int         # tokens of the sequence so far (the next position)
     phase: str          # PREFILL or DECODE
+    words: np.ndarray | None = None  # [n_head_kv, n_used] word id of each slot's token (localkv.words)
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -79,7 +82,9 @@ class Policy:
 
     sinks: int = 0       # the first `sinks` positions of the sequence are always kept
     window: int = 32     # the last `window` positions are always kept
-    span: int = 1        # shared selection setting: >1 scores spans of this many slots and keeps them whole
+    span: int = 1        # >1: spans of this many consecutive positions are scored by their best token, kept whole
+    pool: int = 1        # >1: max-pool the final score over this many slots (a hit keeps its neighbours)
+    whole_words: bool = True  # every token of a word gets the word's best score (keeps "cobalt-7391" whole)
 
     # --- what a policy overrides -------------------------------------------------------------
 
@@ -114,6 +119,8 @@ class Policy:
                 f"(sinks {self.sinks} + window {self.window} = {self.min_budget()})")
         if self.span < 1:
             raise LocalkvError(f"span must be at least 1, got {self.span}")
+        if self.pool < 1:
+            raise LocalkvError(f"pool must be at least 1, got {self.pool}")
 
     def protected(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] True for the sinks and the recent window."""
@@ -127,10 +134,25 @@ class Policy:
             return np.tile(np.arange(n, dtype=np.int32), (view.n_head_kv, 1))
         scores = np.asarray(self.score(view), dtype=np.float64)
         scores = np.where(np.isnan(scores), -np.inf, scores)
-        if self.span > 1:
-            scores = span_scores(scores, view.positions, self.span)
+        scores = self.keep_whole(scores, view)
         scores = np.where(self.protected(view), np.inf, scores)
         return top_k_slots(scores, cap)
+
+    def keep_whole(self, scores: np.ndarray, view: LayerView) -> np.ndarray:
+        """The shared step that keeps multi-token facts whole: pooling, spans, words (each optional)."""
+        scores = max_pool(scores, self.pool)
+        if self.span > 1:
+            scores = group_max(scores, view.positions // self.span)
+        if self.whole_words and view.words is not None:
+            scores = group_max(scores, view.words)
+        return scores
+
+    @classmethod
+    def paper_exact(cls) -> dict[str, object]:
+        """The --policy-arg values that give the paper's own selection (token-level top-k, no extra pooling)."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        exact = {"whole_words": False, "pool": 1, "span": 1}
+        return {k: v for k, v in exact.items() if defaults[k] != v}
 
     @classmethod
     def arguments(cls) -> list[tuple[str, type, object]]:
@@ -144,14 +166,12 @@ def top_k_slots(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order, axis=1).astype(np.int32)
 
 
-def span_scores(scores: np.ndarray, positions: np.ndarray, span: int) -> np.ndarray:
-    """Give every slot the best score of its span of `span` consecutive positions, so a span is kept or dropped whole."""
+def group_max(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, give every slot the best score of the slots with the same group id (a group is kept or dropped whole)."""
     out = np.empty_like(scores)
     for h in range(scores.shape[0]):
-        group = positions[h] // span
-        best: dict[int, float] = {}
-        for g, s in zip(group.tolist(), scores[h].tolist()):
-            if s > best.get(g, -np.inf):
-                best[g] = s
-        out[h] = [best[g] for g in group.tolist()]
+        ids, inverse = np.unique(groups[h], return_inverse=True)
+        best = np.full(len(ids), -np.inf, dtype=scores.dtype)
+        np.maximum.at(best, inverse, scores[h])
+        out[h] = best[inverse]
     return out
