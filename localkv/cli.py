@@ -215,7 +215,8 @@ def list_policies(as_json: bool = typer.Option(False, "--json")):
         rows = []
         for name, cls in available().items():
             rows.append({"name": name, "summary": cls.summary,
-                         "arguments": {a: d for a, _t, d in cls.arguments()}})
+                         "arguments": {a: d for a, _t, d in cls.arguments()},
+                         "paper_exact": {k: v for k, v in cls.paper_exact().items()} if cls.compresses else {}})
         if as_json:
             print(json.dumps(rows, indent=2))
             return
@@ -223,9 +224,14 @@ def list_policies(as_json: bool = typer.Option(False, "--json")):
         t.add_column("name")
         t.add_column("what it keeps")
         t.add_column("arguments (defaults)")
+        t.add_column("paper-exact variant")
         for r in rows:
-            t.add_row(r["name"], r["summary"], ", ".join(f"{k}={v}" for k, v in r["arguments"].items()))
+            exact = " ".join(f"--policy-arg {k}={str(v).lower()}" for k, v in r["paper_exact"].items())
+            t.add_row(r["name"], r["summary"], ", ".join(f"{k}={v}" for k, v in r["arguments"].items()),
+                      exact or ("the default" if r["name"] != "full" else "-"))
         out.print(t)
+        out.print("whole_words keeps every token of a word (\"cobalt-7391\", a date, a path) when any of it is kept; "
+                  "pool max-pools the final score so a hit keeps its neighbours; span keeps fixed spans whole.")
     run_guarded(body)
 
 
@@ -344,7 +350,8 @@ def bench_quality(
     budgets: Optional[str] = typer.Option(None, "--budgets", help="tokens per KV head, comma-separated"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="context lengths in tokens"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated, from: " + ", ".join(
-        ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe"))),
+        ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe",
+         "fact_code", "fact_date", "fact_version", "fact_uuid", "fact_path", "fact_ident")) + "; facts = all fact_*"),
     settings: Optional[str] = typer.Option(None, "--settings", help="aware, agnostic, twoturn"),
     samples: Optional[int] = typer.Option(None, "--samples", help="samples per cell (needle depths spread evenly)"),
     seed: int = typer.Option(0, "--seed"),
@@ -364,7 +371,7 @@ def bench_quality(
         from .bench.common import run_grid
         from .bench.quality import SETTINGS, quality_configs
         from .bench.report import quality_table
-        from .bench.tasks import TASKS
+        from .bench.tasks import expand_tasks
         from .policies import parse_args
         nonlocal tasks, lengths, budgets, settings, samples
         if grid_name not in QUALITY_GRIDS:
@@ -375,9 +382,10 @@ def bench_quality(
         samples = preset["samples"] if samples is None else samples
         pargs = parse_args(policy_arg)
         names = _policies(policies)
-        for t in _csv(tasks):
-            if t not in TASKS:
-                raise LocalkvError(f"unknown task '{t}': choose from {', '.join(TASKS)}")
+        try:
+            task_names = expand_tasks(_csv(tasks))
+        except ValueError as e:
+            raise LocalkvError(str(e)) from None
         for st in _csv(settings):
             if st not in SETTINGS:
                 raise LocalkvError(f"unknown setting '{st}': choose from {', '.join(SETTINGS)}")
@@ -391,7 +399,7 @@ def bench_quality(
         if _csv(kvpress):
             check_installed()
         configs = quality_configs(
-            names, _csv(tasks), _csv(settings), _csv(lengths, int), _csv(budgets, int),
+            names, task_names, _csv(settings), _csv(lengths, int), _csv(budgets, int),
             {"bench": "quality", "model": model, "samples": samples, "seed": seed, "chunk": chunk, "ctk": cache_type,
              "ctv": cache_type}, pargs, prefill_budget, kv_anchors, _csv(kvpress))
         recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")

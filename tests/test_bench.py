@@ -120,3 +120,26 @@ def test_kvpress_table_pairs_each_press_with_our_policy():
                    rec("ahakv", 128, 1.0, 2**20)], Console(file=buf, width=300), markdown=True)
     rows = [l for l in buf.getvalue().splitlines() if l.startswith("| passkey")]
     assert rows == ["| passkey | 2048 | aware | snapkv | 128 | 1.00 | 0.50 | 1.0 | 3.0 |"]
+
+
+def test_fact_family_expands_and_detects_broken_facts():
+    assert tasks.expand_tasks(["facts", "fact_code", "passkey"]) == list(tasks.FACT_TASKS) + ["passkey"]
+    with pytest.raises(ValueError, match="unknown task 'fact_zip'"):
+        tasks.expand_tasks(["fact_zip"])
+    kinds = set()
+    for task in tasks.FACT_TASKS:
+        for seed in range(3):
+            s = tasks.make_sample(task, 1500, 0.5, seed, fake_tokenize)
+            fact = s.expected[0]
+            kinds.add(s.meta["kind"])
+            assert s.context.count(fact) == 1 and s.answer_prefix == ""
+            assert s.meta["people"] >= 3
+            # the asked person's fact is told once; the other people have different facts
+            assert s.score(f"It is {fact}.") == 1.0 and not s.partial(f"It is {fact}.")
+            cut = fact[:-2]                      # a fact that lost its tail comes back broken
+            assert s.score(cut) == 0.0 and s.partial(cut)
+            other = s.meta["facts"][1]           # another person's fact is wrong, not broken
+            assert s.score(other) == 0.0 and not s.partial(other)
+    assert kinds == {"code", "date", "version", "uuid", "path", "ident"}
+    code = tasks.Sample("fact_code", "", "", "", ["cobalt-7391"])
+    assert code.partial("Maria's code is cobalt-71.") and not code.partial("I do not know.")

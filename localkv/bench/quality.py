@@ -17,6 +17,7 @@ import time
 SETTINGS = ("aware", "agnostic", "twoturn")
 FIRST_TURN = "In one short sentence, what kind of text is the above?"
 MAX_TOKENS = {"cwe": 80, "fwe": 40, "vt": 48, "niah_multivalue": 64, "niah_multiquery": 48}
+FACT_MAX_TOKENS = 40  # no answer prefix: the reply restates the question before the fact
 
 
 def depths_for(samples: int) -> list[float]:
@@ -63,7 +64,7 @@ def run(cfg: dict) -> dict:
     t0 = time.time()
     for i, depth in enumerate(depths_for(cfg["samples"])):
         s = make_sample(cfg["task"], cfg["length"], depth, cfg.get("seed", 0) * 1000 + i, eng.model.tokenize)
-        max_tokens = MAX_TOKENS.get(s.task, 24)
+        max_tokens = MAX_TOKENS.get(s.task, FACT_MAX_TOKENS if s.task.startswith("fact_") else 24)
         setting = cfg["setting"]
         if setting == "twoturn":
             first = [{"role": "user", "content": s.context + "\n\n" + FIRST_TURN}]
@@ -76,7 +77,8 @@ def run(cfg: dict) -> dict:
             res = eng.generate(messages=msgs, max_tokens=max_tokens, temperature=0,
                                answer_prefix=s.answer_prefix,
                                split_before=s.question if setting == "agnostic" else None)
-        results.append({"depth": depth, "score": s.score(res.text), "output": res.text[:200],
+        results.append({"depth": depth, "score": s.score(res.text), "partial": s.partial(res.text),
+                        "output": res.text[:200],
                         "expected": s.expected, "prompt_tokens": res.prompt_tokens,
                         "kv_bytes_allocated": res.kv_bytes_allocated, "kv_tokens_kept": res.kv_tokens_kept})
     eng.close()

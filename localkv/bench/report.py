@@ -48,16 +48,18 @@ def quality_table(records: list[dict], console, markdown: bool = False) -> None:
         rank = (3 if c["policy"].startswith(PREFIX) else 2 if c.get("ctk", "f16") != "f16"
                 else 0 if c["policy"] == "full" else 1)
         key = (c["task"], c["setting"], c["length"], rank, label(c))
-        rows.setdefault(key, {})[c["budget"]] = r["result"]["accuracy"]
+        broken = sum(bool(x.get("partial")) for x in r["result"].get("samples", []))
+        rows.setdefault(key, {})[c["budget"]] = f"{r['result']['accuracy']:.2f}" + (f" ({broken} broken)" if broken else "")
     head = ["task", "length", "setting", "policy"] + [f"budget {b}" for b in budgets]
     lines = []
     for (task, setting, length, _rank, pol), cells in sorted(rows.items()):
         if None in cells:  # full: one value for every budget column
-            vals = [f"{cells[None]:.2f}"] * len(budgets)
+            vals = [cells[None]] * len(budgets)
         else:
-            vals = [f"{cells[b]:.2f}" if b in cells else "-" for b in budgets]
+            vals = [cells[b] if b in cells else "-" for b in budgets]
         lines.append([task, str(length), setting, pol] + vals)
-    emit(head, lines, console, markdown, "accuracy (fraction of expected strings found)", justify="left")
+    emit(head, lines, console, markdown, "accuracy (fraction of expected strings found; broken: a fact came back with "
+         "pieces missing)", justify="left")
 
 
 def _args(args: dict | None) -> str:
