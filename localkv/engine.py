@@ -107,7 +107,10 @@ class Engine:
                  prefill_budget: int | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
-                 verbose: bool = False, progress: bool | None = None, eval_callback=None):
+                 verbose: bool = False, progress: bool | None = None, eval_callback=None,
+                 shared_model: Model | None = None):
+        """`shared_model`: a loaded Model to run on instead of loading `model` again (several contexts on one
+        model, as the server's conversation pool does); the caller keeps it open and closes it."""
         init_backend(verbose)
         self.policy = policies.create(policy, policy_args)
         self.budget = budget
@@ -120,8 +123,11 @@ class Engine:
         if ctx is not None and ctx < 16:
             raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
 
-        self.model_path = str(models.resolve(model, progress=progress))
-        self.model = Model(self.model_path)
+        if shared_model is not None:
+            self.model_path, self.model, self._owns_model = shared_model.path, shared_model, False
+        else:
+            self.model_path = str(models.resolve(model, progress=progress))
+            self.model, self._owns_model = Model(self.model_path), True
         shape = self.model.shape
         self.shape = shape
 
@@ -202,7 +208,9 @@ class Engine:
             ll.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            self.model.close()
+            if self._owns_model:
+                self.model.close()
+            self.model = None
 
     def __enter__(self):
         return self
@@ -433,6 +441,7 @@ class Engine:
         generated = 0
         stop = "length"
         t_first = t_end = None
+        unfed = None  # the last sampled token when the reply ended on max_tokens (sampled, never decoded)
         try:
             while generated < max_tokens:
                 if should_stop and should_stop():
@@ -451,18 +460,26 @@ class Engine:
                     if on_text:
                         on_text(piece)
                 if generated >= max_tokens:
+                    unfed = tok
                     break
                 self.step(tok)
         finally:
             sampler.close()
             t_end = time.perf_counter()
+        history_ok = True
+        if unfed is not None:
+            # the cache must hold the whole reply, or the next turn of a chat would continue without this token
+            if self.compressing or self.n_past + 1 <= self.n_ctx:
+                self.step(unfed)
+            else:
+                history_ok = False  # no room: the next turn feeds the conversation again
         tail = out.flush()
         if tail:
             pieces.append(tail)
             if on_text:
                 on_text(tail)
         reply = "".join(pieces)
-        self._history_text = text + reply if answer_prefix == "" else ""
+        self._history_text = text + reply if answer_prefix == "" and history_ok else ""
         # tokens decoded after the first sample: one step() each
         steps = max(generated - 1, 0)
         decode_s = (t_end - t_first) if t_first is not None else 0.0

@@ -20,6 +20,21 @@ def test_greedy_generation_is_deterministic_and_answers(model_path):
     assert "Paris" in a.text
 
 
+@pytest.mark.parametrize("policy,budget", [("full", None), ("snapkv", 64)])
+def test_a_reply_cut_by_max_tokens_is_all_in_the_cache(model_path, policy, budget):
+    """The next turn of a chat continues after the whole reply, its last sampled token included."""
+    with make_engine(model_path, policy=policy, budget=budget) as eng:
+        msgs = [{"role": "user", "content": "Count from one to twenty in words."}]
+        res = eng.generate(messages=msgs, max_tokens=6, temperature=0, keep_history=True)
+        assert res.stop_reason == "length" and res.generated_tokens == 6
+        assert eng.n_past == res.prompt_tokens + res.generated_tokens
+        msgs += [{"role": "assistant", "content": res.text}, {"role": "user", "content": "Go on."}]
+        fed_before = eng.n_past
+        res2 = eng.generate(messages=msgs, max_tokens=4, temperature=0, keep_history=True)
+        assert res2.prompt_tokens < 20            # only the new turn was fed, not the conversation again
+        assert eng.n_past == fed_before + res2.prompt_tokens + res2.generated_tokens
+
+
 def test_seeded_sampling_is_reproducible(model_path):
     with make_engine(model_path) as eng:
         a = eng.generate("Name a colour.", max_tokens=8, temperature=0.9, seed=7)
@@ -37,7 +52,7 @@ def test_json_numbers_are_consistent(model_path):
     assert res.kv_bytes_allocated == sum(k + v for _il, k, v in layers)
     assert res.kv_bytes_allocated == shape.n_layer * shape.n_head_kv * shape.head_dim * 2 * 2 * 512
     # full f16 for the tokens of this request: layers x KV heads x head dim x (K+V) x 2 bytes x tokens
-    tokens = res.prompt_tokens + res.generated_tokens - 1  # the last sampled token is never decoded
+    tokens = res.prompt_tokens + res.generated_tokens  # the last sampled token is decoded too (the cache holds it)
     assert res.kv_bytes_full_f16 == 24 * 2 * 64 * 2 * 2 * tokens
     assert res.peak_rss_bytes > 400 * 2**20  # the model itself is ~470 MB
     assert res.prefill_tokens_per_s > 0 and res.decode_tokens_per_s > 0
