@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from localkv import gguf_header
+from localkv import gguf_info
 from localkv.errors import LocalkvError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -420,13 +420,18 @@ def resolve(model: str | None = None, *, progress: bool | None = None) -> Path:
             return _resolve_entry(e, progress)
     path = Path(model).expanduser()
     if path.exists() or model.endswith(".gguf") or os.sep in model:
-        gguf_header.read_header(path)  # raises a one-line LocalkvError if unusable
+        gguf_info.read(path)  # raises a one-line LocalkvError if unusable
         return path.resolve()
     raise _unknown_model(model, entries)
 
 
 def path(name: str | None = None) -> Path:
     return resolve(name)
+
+
+def info(model: str | None = None, *, progress: bool | None = None) -> gguf_info.ModelFile:
+    """The shape and metadata of a registry model (assembled first if needed) or of a .gguf file."""
+    return gguf_info.read(resolve(model, progress=progress))
 
 
 def pull(name: str, *, force: bool = False, progress: bool | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for localkv.gguf_header and localkv.models.
+"""Tests for localkv.gguf_info (model files read with gguf.GGUFReader) and localkv.models.
 
 No real model is needed except by the one test marked `model`: GGUF files are
 built by the small writer below, and model packages are faked as real
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from localkv import gguf_header, models
+import numpy as np
+
+from localkv import gguf_info, models
 from localkv.errors import LocalkvError
 
 # ------------------------------------------------------------ GGUF writer
@@ -75,6 +77,7 @@ LLAMA_META = [
     ("llama.embedding_length", U32, 256),
     ("llama.attention.head_count", U32, 8),
     ("llama.attention.head_count_kv", U32, 2),
+    ("tokenizer.chat_template", STRING, "{{ messages }}"),
     ("tokenizer.ggml.tokens", ARRAY, (STRING, [f"tok{i}" for i in range(1000)])),
     ("tokenizer.ggml.token_type", ARRAY, (I32, list(range(1000)))),
     ("general.tags", ARRAY, (STRING, ["a", "b"])),
@@ -101,69 +104,92 @@ def _one_line_error(excinfo, *words):
         assert w in msg, msg
 
 
-# ------------------------------------------------------------ gguf_header
+# ------------------------------------------------------------ gguf_info (gguf.GGUFReader)
 
 
-def test_read_header_valid(gguf_file):
-    info = gguf_header.read_header(gguf_file)
-    assert info.version == 3 and info.architecture == "llama"
-    assert info.tensor_count == 3
-    assert info.expected_size == info.file_size == gguf_file.stat().st_size
-    assert info.data_offset % 32 == 0
-    # the first tensor's data (filled with 0x01) starts exactly at data_offset
-    with open(gguf_file, "rb") as f:
-        f.seek(info.data_offset - 1)
-        assert f.read(2) == b"\0\x01"
-    assert gguf_header.context_length(info) == 4096
-    assert gguf_header.block_count(info) == 2
-    assert gguf_header.head_count(info) == 8
-    assert gguf_header.head_count_kv(info) == 2
-    assert gguf_header.embedding_length(info) == 256
-    assert gguf_header.key_length(info) == 32  # 256 / 8, no explicit key
-    assert info.quant == "Q4_K_M"
-    assert info.metadata["general.tags"] == ["a", "b"]
-    assert info.metadata["general.flag"] is True
-    tokens = info.metadata["tokenizer.ggml.tokens"]
-    assert isinstance(tokens, gguf_header.SkippedArray) and len(tokens) == 1000
-    assert info.metadata["tokenizer.ggml.token_type"].length == 1000
-    assert [t.type_name for t in info.tensors] == ["Q4_K", "Q8_0", "F32"]
-    assert [t.nbytes for t in info.tensors] == [1440, 204, 1024]
+def test_read_valid(gguf_file):
+    info = gguf_info.read(gguf_file)
+    assert info.gguf_version == 3 and info.architecture == "llama"
+    assert info.tensor_count == 3 and info.file_size == gguf_file.stat().st_size
+    assert (info.n_layer, info.n_head, info.n_head_kv, info.n_embd) == (2, 8, 2, 256)
+    assert info.head_dim_k == info.head_dim_v == 32  # 256 / 8: no explicit key or value length
+    assert info.context_length == 4096 and info.sliding_window is None
+    assert info.quant == "Q4_K_M" and info.chat_template == "{{ messages }}"
+    # 2 layers x 2 KV heads x (32 + 32) elements: 256 per token, in llama.cpp's block sizes
+    assert info.kv_bytes_per_token("f16") == 512
+    assert info.kv_bytes_per_token("q8_0") == 256 // 32 * 34
+    assert info.kv_bytes_per_token("q4_0") == 256 // 32 * 18
+    assert info.compressed_bytes(128) == 512 * (128 + gguf_info.HEADROOM)
+    with pytest.raises(LocalkvError, match="unknown KV cache type"):
+        info.kv_bytes_per_token("q3_9")
 
 
-def test_read_header_version2_and_custom_alignment(tmp_path):
+def test_read_version2_custom_alignment_and_explicit_head_dims(tmp_path):
     p = tmp_path / "v2.gguf"
     meta = [("general.architecture", STRING, "qwen2"), ("general.alignment", U32, 64),
-            ("qwen2.attention.key_length", U32, 48)]
+            ("qwen2.block_count", U32, 3), ("qwen2.embedding_length", U32, 128),
+            ("qwen2.attention.head_count", U32, 4), ("qwen2.attention.key_length", U32, 48),
+            ("qwen2.attention.value_length", U32, 16)]
     p.write_bytes(gguf_bytes(meta, [("a", (32,), 1), ("b", (16,), 0)], version=2, alignment=64))
-    info = gguf_header.read_header(p)
-    assert info.version == 2 and info.data_offset % 64 == 0
-    assert info.expected_size == p.stat().st_size
-    assert gguf_header.key_length(info) == 48
-    assert gguf_header.context_length(info) is None
+    info = gguf_info.read(p)
+    assert info.gguf_version == 2 and info.n_head_kv == 4  # no head_count_kv: one KV head per query head
+    assert (info.head_dim_k, info.head_dim_v) == (48, 16)
+    assert info.context_length is None and info.quant is None and info.chat_template is None
+    assert info.kv_bytes_per_token("f16") == 3 * 4 * (48 + 16) * 2
 
 
-def test_unknown_tensor_type_leaves_size_unknown(tmp_path):
-    p = tmp_path / "odd.gguf"
-    p.write_bytes(gguf_bytes([("general.architecture", STRING, "llama")], [("t", (8,), 99)]))
-    assert gguf_header.read_header(p).expected_size is None
+def test_per_layer_kv_heads_and_sliding_window(tmp_path):
+    p = tmp_path / "hybrid.gguf"
+    meta = [("general.architecture", STRING, "gemma3"), ("gemma3.block_count", U32, 3),
+            ("gemma3.embedding_length", U32, 64), ("gemma3.attention.head_count", U32, 4),
+            ("gemma3.attention.head_count_kv", ARRAY, (U32, [2, 0, 1])),
+            ("gemma3.attention.sliding_window", U32, 512)]
+    p.write_bytes(gguf_bytes(meta))
+    info = gguf_info.read(p)
+    assert info.n_head_kv_per_layer == (2, 0, 1) and info.n_head_kv == 2
+    assert info.kv_bytes_per_token("f16") == 3 * (16 + 16) * 2
+    assert info.sliding_window == 512
 
 
-def test_header_without_tensors(tmp_path):
-    p = tmp_path / "vocab.gguf"
-    p.write_bytes(gguf_bytes([("general.architecture", STRING, "llama")]))
-    info = gguf_header.read_header(p)
-    assert info.tensor_count == 0 and info.expected_size == p.stat().st_size
+def test_reads_what_the_gguf_writer_wrote(tmp_path):
+    """The library's own writer and our reading of it agree (a second, independent writer)."""
+    import gguf
+    p = tmp_path / "written.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_block_count(4)
+    w.add_embedding_length(512)
+    w.add_head_count(8)
+    w.add_head_count_kv(4)
+    w.add_context_length(8192)
+    w.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
+    w.add_tensor("w", np.ones((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = gguf_info.read(p)
+    assert (info.architecture, info.n_layer, info.n_head, info.n_head_kv, info.head_dim_k) == ("llama", 4, 8, 4, 64)
+    assert info.context_length == 8192 and info.chat_template.startswith("{% for") and info.tensor_count == 1
+
+
+def test_read_is_cached_until_the_file_changes(gguf_file):
+    first = gguf_info.read(gguf_file)
+    assert gguf_info.read(gguf_file) is first
+    st = gguf_file.stat()
+    os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = gguf_info.read(gguf_file)
+    assert again is not first and again == first
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(tmp_path / "nope.gguf")
+        gguf_info.read(tmp_path / "nope.gguf")
     _one_line_error(e, "does not exist")
 
 
 def test_directory(tmp_path):
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(tmp_path)
+        gguf_info.read(tmp_path)
     _one_line_error(e, "is a directory")
 
 
@@ -171,7 +197,7 @@ def test_empty_file(tmp_path):
     p = tmp_path / "zero.gguf"
     p.touch()
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
+        gguf_info.read(p)
     _one_line_error(e, "is empty")
 
 
@@ -180,7 +206,7 @@ def test_bad_magic(tmp_path, content):
     p = tmp_path / "bad.gguf"
     p.write_bytes(content)
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
+        gguf_info.read(p)
     _one_line_error(e, "is not a GGUF")
 
 
@@ -189,28 +215,41 @@ def test_unsupported_version(tmp_path, version):
     p = tmp_path / "v.gguf"
     p.write_bytes(gguf_bytes(LLAMA_META, LLAMA_TENSORS, version=version))
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
+        gguf_info.read(p)
     _one_line_error(e, f"version {version}")
 
 
 def test_truncated_header(tmp_path, gguf_file):
     data = gguf_file.read_bytes()
-    info = gguf_header.read_header(gguf_file)
-    # cut inside the metadata, inside the tensor table, and right after the counts
-    for cut in (200, info.data_offset - 20, 24, 10):
+    data_offset = len(data) - sum(-(-n // 32) * 32 for n in (1440, 204)) - 1024
+    # cut inside the metadata, inside the tensor table, right after the counts, inside the counts
+    for cut in (200, data_offset - 20, 24, 10):
         p = tmp_path / f"cut{cut}.gguf"
         p.write_bytes(data[:cut])
         with pytest.raises(LocalkvError) as e:
-            gguf_header.read_header(p)
+            gguf_info.read(p)
         _one_line_error(e, "is truncated", "header ends early")
+
+
+def test_string_cut_at_the_end_of_a_file_without_tensors(tmp_path):
+    """The stock reader returns a short string here without complaint; ours reports the cut."""
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(gguf_bytes(LLAMA_META[:6] + [("general.name", STRING, "a long model name")])[:-5])
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "is truncated", "header ends early")
 
 
 def test_huge_count_is_reported_not_looped(tmp_path):
     p = tmp_path / "corrupt.gguf"
-    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2**60) + b"\0" * 64)
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2**60) + gguf_bytes(LLAMA_META[:2])[24:])
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
+        gguf_info.read(p)
     _one_line_error(e, "is truncated", "header ends early")
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 2**60) + b"\0" * 64)  # empty keys repeat
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "is not a valid GGUF file")
 
 
 def test_corrupt_lengths_do_not_allocate_or_seek_past_eof(tmp_path):
@@ -218,15 +257,15 @@ def test_corrupt_lengths_do_not_allocate_or_seek_past_eof(tmp_path):
     p = tmp_path / "longkey.gguf"
     p.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**60) + b"k" * 32)
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
+        gguf_info.read(p)
     _one_line_error(e, "is truncated")
-    # a skipped (long) array running past the end, as the last thing in the file
+    # a long array running past the end, as the last thing in the file
     p = tmp_path / "longarray.gguf"
     full = gguf_bytes([("big", ARRAY, (I32, list(range(1000))))])
     p.write_bytes(full[:-100])
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
-    _one_line_error(e, "is truncated", "'big'")
+        gguf_info.read(p)
+    _one_line_error(e, "is truncated")
 
 
 def test_truncated_data(tmp_path, gguf_file):
@@ -234,8 +273,33 @@ def test_truncated_data(tmp_path, gguf_file):
     p = tmp_path / "short.gguf"
     p.write_bytes(data[:-1])
     with pytest.raises(LocalkvError) as e:
-        gguf_header.read_header(p)
-    _one_line_error(e, "is truncated", f"needs {len(data)}")
+        gguf_info.read(p)
+    _one_line_error(e, "is truncated", f"need at least {len(data)}")
+
+
+def test_unknown_tensor_type_is_invalid(tmp_path):
+    p = tmp_path / "odd.gguf"
+    p.write_bytes(gguf_bytes(LLAMA_META, [("t", (8,), 99)]))
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "is not a valid GGUF file", "99")
+
+
+def test_unsupported_architecture(tmp_path):
+    p = tmp_path / "clip.gguf"
+    p.write_bytes(gguf_bytes([("general.architecture", STRING, "clip"), ("clip.vision.block_count", U32, 12)]))
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "unsupported architecture 'clip'", "clip.block_count")
+    p.write_bytes(gguf_bytes([("general.architecture", STRING, "mamba"), ("mamba.block_count", U32, 4),
+                              ("mamba.embedding_length", U32, 64)]))
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "unsupported architecture 'mamba'", "attention.head_count")
+    p.write_bytes(gguf_bytes([("tokenizer.ggml.model", STRING, "gpt2")]))
+    with pytest.raises(LocalkvError) as e:
+        gguf_info.read(p)
+    _one_line_error(e, "not a model", "general.architecture")
 
 
 # ------------------------------------------------------------ fake model packages
@@ -315,7 +379,7 @@ def test_resolve_assembles_and_verifies(fake):
     record = json.loads((fake.cache / f"{fake.name}.gguf.verified").read_text())
     assert record == {"size": len(MODEL_BYTES), "mtime_ns": path.stat().st_mtime_ns,
                       "sha256": fake.entry["sha256"]}
-    assert gguf_header.read_header(path).architecture == "llama"
+    assert gguf_info.read(path).architecture == "llama"
 
 
 def test_resolve_none_is_default(fake):
@@ -583,10 +647,86 @@ def test_default_model_resolves():
         pytest.skip(f"packages of {entry['name']} are not installed")
     path = models.resolve(None, progress=False)
     assert path.stat().st_size == entry["size"]
-    header = gguf_header.read_header(path)
-    assert header.architecture == "qwen2"
-    assert gguf_header.block_count(header) == 24
-    assert gguf_header.head_count(header) == 14
-    assert gguf_header.head_count_kv(header) == 2
-    assert gguf_header.key_length(header) == 64
-    assert gguf_header.context_length(header) == entry["context_length"]
+    info = gguf_info.read(path)
+    assert (info.architecture, info.n_layer, info.n_head, info.n_head_kv) == ("qwen2", 24, 14, 2)
+    assert info.head_dim_k == info.head_dim_v == 64 and info.quant == "Q4_K_M"
+    assert info.context_length == entry["context_length"] and "im_start" in info.chat_template
+
+
+@pytest.mark.model
+def test_gguf_shape_and_kv_estimates_match_llama_cpp():
+    """What gguf reads agrees with the loaded model, and the KV figures with what llama.cpp allocates."""
+    from localkv import capi
+    from localkv.engine import DEFAULT_CHUNK, DEFAULT_PREFILL_BUDGET, Engine
+    assert (gguf_info.HEADROOM, gguf_info.PREFILL_BUDGET) == (DEFAULT_CHUNK, DEFAULT_PREFILL_BUDGET)
+    path = models.resolve(None, progress=False)
+    info = models.info(None)
+    with Engine(str(path), policy="snapkv", budget=64, threads=2) as eng:
+        s = eng.shape
+        assert (s.architecture, s.n_layer, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx_train, s.n_embd) == (
+            info.architecture, info.n_layer, info.n_head, info.n_head_kv, info.head_dim_k, info.context_length,
+            info.n_embd)
+        eng.generate("Hello", max_tokens=2, temperature=0)
+        assert capi.memory_bytes(eng.ctx) == info.compressed_bytes(64)
+        assert eng.full_bytes(1000, "q8_0") == info.full_bytes(1000, "q8_0")
+    with Engine(str(path), ctx=1024, threads=2) as eng:
+        assert capi.memory_bytes(eng.ctx) == info.full_bytes(1024)
+
+
+# ------------------------------------------------------------ `localkv models info`
+
+
+def _cli(*args):
+    env = dict(os.environ, COLUMNS="200")
+    p = subprocess.run([sys.executable, "-m", "localkv.cli", *args], capture_output=True, text=True, timeout=300,
+                       env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_models_info_json_for_a_file(gguf_file):
+    rc, out, err = _cli("models", "info", str(gguf_file), "--json", "--budget", "128")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert (d["architecture"], d["n_layer"], d["n_head"], d["n_head_kv"], d["head_dim_k"]) == ("llama", 2, 8, 2, 32)
+    assert d["kv_bytes_per_token"] == {"f16": 512, "q8_0": 272, "q4_0": 144}
+    assert [r["tokens"] for r in d["contexts"]] == [4096, 16384, 32768]
+    r4k = d["contexts"][0]
+    assert (r4k["full_f16"], r4k["full_q8_0"], r4k["full_q4_0"]) == (512 * 4096, 272 * 4096, 144 * 4096)
+    assert r4k["compressed_f16"] == 512 * (128 + 256) and r4k["saved_f16"] == r4k["full_f16"] - r4k["compressed_f16"]
+    assert not r4k["beyond_trained_context"] and d["contexts"][1]["beyond_trained_context"]  # trained on 4096
+
+
+def test_models_info_table_for_a_file(gguf_file):
+    rc, out, err = _cli("models", "info", str(gguf_file))
+    assert rc == 0, err
+    assert "llama, Q4_K_M" in out and "2 layers, 8 query / 2 KV heads, head dim 32" in out
+    assert "KV cache per token: f16 512 B, q8_0 272 B, q4_0 144 B" in out
+    assert "budget 256" in out and "beyond the trained context (4096 tokens)" in out
+
+
+def test_models_info_bad_files_are_one_line(tmp_path, gguf_file):
+    data = gguf_file.read_bytes()
+    files = {"empty.gguf": b"", "text.gguf": b"hello world" * 10, "cut.gguf": data[:300], "clip.gguf": gguf_bytes(
+        [("general.architecture", STRING, "clip")])}
+    expect = {"empty.gguf": "is empty", "text.gguf": "is not a GGUF", "cut.gguf": "is truncated",
+              "clip.gguf": "unsupported architecture 'clip'"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    cases = [(str(tmp_path / n), w) for n, w in expect.items()] + [(str(tmp_path / "none.gguf"), "does not exist"),
+                                                                  ("no-such-model", "unknown model")]
+    for arg, words in cases:
+        rc, out, err = _cli("models", "info", arg)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc != 0 and "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith("error:") and words in lines[0], err
+    rc, out, err = _cli("models", "info", str(gguf_file), "--budget", "0")
+    assert rc != 0 and "budget must be at least 1" in err
+
+
+@pytest.mark.model
+def test_models_info_default_model():
+    rc, out, err = _cli("models", "info", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["architecture"] == "qwen2" and d["kv_bytes_per_token"]["f16"] == 24 * 2 * 64 * 2 * 2
+    assert d["contexts"][0]["compressed_f16"] == 12288 * 512  # budget 256 + 256 headroom: 6 MiB, as README says
