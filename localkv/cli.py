@@ -16,7 +16,7 @@ from .errors import LocalkvError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Local LLM inference with a compressed KV cache inside llama.cpp.")
-models_app = typer.Typer(no_args_is_help=True, help="List, locate and install models.")
+models_app = typer.Typer(no_args_is_help=True, help="List, inspect, locate and install models.")
 app.add_typer(models_app, name="models")
 
 out = Console(highlight=False, soft_wrap=True)
@@ -164,6 +164,41 @@ def chat(
 
 
 @app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    policy: str = PolicyOpt,
+    budget: Optional[int] = BudgetOpt,
+    prefill_budget: Optional[int] = PrefillOpt,
+    policy_arg: Optional[List[str]] = PolicyArgOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", help="port to listen on (0: any free port)"),
+    pool: int = typer.Option(4, "--pool", help="conversation caches kept (one engine each, least recently used evicted)"),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="reply length when a request sets no max_tokens"),
+    ctx: Optional[int] = CtxOpt,
+    cache_type_k: str = CacheKOpt,
+    cache_type_v: str = CacheVOpt,
+    threads: Optional[int] = ThreadsOpt,
+):
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with compressed caches."""
+    def body():
+        from . import serve as srv
+        from .policies import parse_args
+        srv.require_extra()
+        server = srv.Server(model, policy=policy, budget=budget, policy_args=parse_args(policy_arg),
+                            prefill_budget=prefill_budget, ctx=ctx, cache_type_k=cache_type_k,
+                            cache_type_v=cache_type_v, threads=threads, pool_size=pool, max_tokens=max_tokens,
+                            verbose=_VERBOSE)
+
+        def ready(url: str) -> None:
+            b = server.default_key.budget
+            print(f"localkv serve: {url} (model {server.model_id}, policy {policy}"
+                  + (f", budget {b}" if b is not None else "") + f", {pool} conversation caches); Ctrl-C stops",
+                  flush=True)
+        srv.run(server, host, port, ready, verbose=_VERBOSE)
+    run_guarded(body)
+
+
+@app.command()
 def memory(
     model: Optional[str] = ModelOpt,
     ctx: Optional[int] = CtxOpt,
@@ -264,6 +299,54 @@ def models_path(name: Optional[str] = typer.Argument(None, help="registry name [
     def body():
         from . import models
         print(models.path(name))
+    run_guarded(body)
+
+
+@models_app.command("info")
+def models_info(
+    name: Optional[str] = typer.Argument(None, help="registry name or path to a .gguf file [default: the default model]"),
+    budget: int = typer.Option(256, "--budget", "-b", help="tokens kept per KV head, for the savings table"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """The model's shape (read with gguf), its KV bytes per token, and what a budget saves at 4K/16K/32K."""
+    def body():
+        from . import gguf_info, models
+        from .memory import fmt_bytes
+        info = models.info(name)
+        rows = info.savings(budget)
+        per_token = {t: info.kv_bytes_per_token(t) for t in gguf_info.CACHE_TYPES}
+        if as_json:
+            d = info.to_dict()
+            print(json.dumps({**d, "kv_bytes_per_token": per_token, "budget": budget, "headroom": gguf_info.HEADROOM,
+                              "contexts": rows}, indent=2))
+            return
+        heads = f"{info.n_head} query / {info.n_head_kv} KV heads"
+        if len(set(info.n_head_kv_per_layer)) > 1:
+            heads += f" (KV heads per layer: {', '.join(map(str, info.n_head_kv_per_layer))})"
+        dims = str(info.head_dim_k) if info.head_dim_k == info.head_dim_v else f"{info.head_dim_k} (K) / {info.head_dim_v} (V)"
+        out.print(f"[bold]{info.name or Path(info.path).name}[/bold]  {info.path}")
+        out.print(f"{info.architecture}, {info.quant or 'unknown quantization'}, {fmt_bytes(info.file_size)}, "
+                  f"GGUF v{info.gguf_version}, {info.tensor_count} tensors")
+        out.print(f"{info.n_layer} layers, {heads}, head dim {dims}, embedding {info.n_embd}, trained context "
+                  f"{info.context_length or 'unknown'}, chat template: {'yes' if info.chat_template else 'no'}")
+        if info.sliding_window:
+            out.print(f"sliding-window attention ({info.sliding_window} tokens): full cache only, "
+                      "the compressed cache refuses it")
+        out.print("KV cache per token: " + ", ".join(f"{t} {fmt_bytes(b)}" for t, b in per_token.items()))
+        t = Table(title=f"KV cache: full against budget {budget} (f16, {budget} + {gguf_info.HEADROOM} slots per head "
+                        "at rest)")
+        for col in ("tokens", "full f16", "full q8_0", "full q4_0", f"budget {budget}", "saved vs f16"):
+            t.add_column(col, justify="right", no_wrap=True)
+        for r in rows:
+            saved = f"{r['saved_f16'] / r['full_f16']:.0%}" if r["saved_f16"] > 0 else "-"
+            t.add_row(f"{r['tokens'] // 1024}K" + (" *" if r["beyond_trained_context"] else ""),
+                      fmt_bytes(r["full_f16"]), fmt_bytes(r["full_q8_0"]), fmt_bytes(r["full_q4_0"]),
+                      fmt_bytes(r["compressed_f16"]), saved)
+        out.print(t)
+        if any(r["beyond_trained_context"] for r in rows):
+            out.print(f"* beyond the trained context ({info.context_length} tokens)")
+        out.print(f"While a prompt goes in, up to --prefill-budget (default {gguf_info.PREFILL_BUDGET}) + "
+                  f"{gguf_info.HEADROOM} tokens per head are held; --prefill-budget 0 holds the budget throughout.")
     run_guarded(body)
 
 
