@@ -376,3 +376,20 @@ def test_serve_refuses_a_busy_port_and_a_policy_without_budget():
                        capture_output=True, text=True, timeout=120)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode != 0 and len(lines) == 1 and "needs --budget" in lines[0], p.stderr
+
+
+@pytest.mark.model
+def test_pool_caches_share_one_loaded_model():
+    """Every conversation cache is a context on the server's one model, not another copy of the weights."""
+    from localkv.serve import Server
+    srv = Server(None, policy="snapkv", budget=BUDGET, ctx=CTX, threads=2, pool_size=2)
+    try:
+        srv.warm()
+        other = CacheKey("h2o", BUDGET)
+        srv.worker.submit(srv.pool.acquire, other, "").result()
+        engines = [s.engine for s in srv.pool.slots]
+        assert len(engines) == 2 and engines[0].model is engines[1].model
+        assert engines[0].ctx != engines[1].ctx
+    finally:
+        srv.close()
+    assert all(e.model is None for e in engines)  # closed with the server, the shared model last
