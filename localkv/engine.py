@@ -267,15 +267,16 @@ class Engine:
         if room:  # whatever the target, leave room for what comes next
             targets = [min(t, alloc - room) for t, (_cap, alloc, _used) in zip(targets, states)]
         t0 = time.perf_counter()
-        did = False
-        for i, (_cap, _alloc, used) in enumerate(states):
-            if used <= targets[i]:
-                continue
+        layers = [i for i, (_cap, _alloc, used) in enumerate(states) if used > targets[i]]
+        views = []
+        for i in layers:
             view = self.layer_view(i, phase)
             view.capacity = targets[i]
-            keep = self.policy.select(view)
+            views.append(view)
+        # every layer is chosen before any is compacted: a policy may weigh the layers together
+        for i, keep in zip(layers, self.policy.select_layers(views)):
             capi.keep(self.ctx, i, keep)
-            did = True
+        did = bool(layers)
         if did:
             self.policy.after_compress(self.ctx)
             self.compressions += 1

@@ -259,3 +259,28 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
                 kth = np.sort(scores[h])[::-1][caps[il] - 1]
                 for x in set(got.tolist()) ^ set(want.tolist()):
                     assert abs(scores[h][x] - kth) <= 1e-3 * abs(kth) + 1e-6, f"layer {il} head {h} slot {x}"
+
+
+def test_consensus_keeps_a_word_in_every_layer_when_most_keep_it():
+    def views(consensus):
+        pol = policies.create("h2o", {"recent_ratio": "0", "consensus": str(consensus)})
+        out = []
+        for layer in range(4):
+            view = fake_view(np.random.default_rng(layer), 20, 4, n_head_kv=1, n_seen=20)
+            view.positions = np.arange(20, dtype=np.int32)[None]
+            view.words = (np.arange(20) // 2)[None]          # words of two tokens
+            stat = np.linspace(0.1, 0.2, 20, dtype=np.float32)[None].copy()
+            stat[0, 6] = 5.0 if layer < 3 else 0.0            # word 3 (slots 6-7): top in three layers of four
+            view._stats[(capi.STAT_ACC, True)] = stat
+            out.append(view)
+        return pol, out
+    pol, vs = views(0)
+    plain = pol.select_layers(vs)
+    assert all({6, 7} <= set(k[0].tolist()) for k in plain[:3]) and not {6, 7} & set(plain[3][0].tolist())
+    pol, vs = views(0.5)
+    agreed = pol.select_layers(vs)
+    assert all({6, 7} <= set(k[0].tolist()) and len(k[0]) == 4 for k in agreed)   # kept everywhere, same budget
+    pol, vs = views(0.9)
+    assert not {6, 7} & set(pol.select_layers(vs)[3][0].tolist())                 # 3 of 4 is below 0.9
+    with pytest.raises(LocalkvError, match="consensus"):
+        policies.create("h2o", {"consensus": "1.5"}).validate(64)

@@ -85,6 +85,7 @@ class Policy:
     span: int = 1        # >1: spans of this many consecutive positions are scored by their best token, kept whole
     pool: int = 1        # >1: max-pool the final score over this many slots (a hit keeps its neighbours)
     whole_words: bool = True  # every token of a word gets the word's best score (keeps "cobalt-7391" whole)
+    consensus: float = 0.0    # >0: a word kept in this fraction of the (layer, KV head)s is kept in all
 
     # --- what a policy overrides -------------------------------------------------------------
 
@@ -121,6 +122,8 @@ class Policy:
             raise LocalkvError(f"span must be at least 1, got {self.span}")
         if self.pool < 1:
             raise LocalkvError(f"pool must be at least 1, got {self.pool}")
+        if not 0.0 <= self.consensus <= 1.0:
+            raise LocalkvError(f"consensus must be in [0, 1], got {self.consensus}")
 
     def protected(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] True for the sinks and the recent window."""
@@ -129,14 +132,49 @@ class Policy:
 
     def select(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, capacity] sorted slots to keep (all slots if they fit)."""
-        n, cap = view.n_used, view.capacity
-        if n <= cap:
-            return np.tile(np.arange(n, dtype=np.int32), (view.n_head_kv, 1))
+        if view.n_used <= view.capacity:
+            return np.tile(np.arange(view.n_used, dtype=np.int32), (view.n_head_kv, 1))
+        return top_k_slots(self.final_scores(view), view.capacity)
+
+    def final_scores(self, view: LayerView) -> np.ndarray:
+        """[n_head_kv, n_used] what the top-k ranks: the policy's score, kept whole, protected slots at +inf."""
         scores = np.asarray(self.score(view), dtype=np.float64)
         scores = np.where(np.isnan(scores), -np.inf, scores)
         scores = self.keep_whole(scores, view)
-        scores = np.where(self.protected(view), np.inf, scores)
-        return top_k_slots(scores, cap)
+        return np.where(self.protected(view), np.inf, scores)
+
+    def select_layers(self, views: list[LayerView]) -> list[np.ndarray]:
+        """Slots to keep for every layer compressed together.
+
+        With `consensus` > 0, a word that the per-layer selection keeps in at least that fraction of the
+        (layer, KV head)s holding it is kept in all of them: a fact kept in most layers but dropped in a
+        few comes back with pieces missing (the layers that copy it lost it).
+        """
+        if self.consensus <= 0 or any(v.words is None for v in views):
+            return [self.select(v) for v in views]
+        scores = [self.final_scores(v) if v.n_used > v.capacity else None for v in views]
+        kept_in: dict[int, int] = {}
+        held_in: dict[int, int] = {}
+        for v, sc in zip(views, scores):
+            keep = top_k_slots(sc, v.capacity) if sc is not None else None
+            for h in range(v.n_head_kv):
+                words = v.words[h]
+                held = np.unique(words[words >= 0])
+                kept = held if keep is None else np.unique(words[keep[h]][words[keep[h]] >= 0])
+                for w in held.tolist():
+                    held_in[w] = held_in.get(w, 0) + 1
+                for w in kept.tolist():
+                    kept_in[w] = kept_in.get(w, 0) + 1
+        agreed = np.array([w for w, n in held_in.items() if kept_in.get(w, 0) >= self.consensus * n], dtype=np.int64)
+        out = []
+        for v, sc in zip(views, scores):
+            if sc is None:
+                out.append(self.select(v))
+                continue
+            # agreed words rank above every other score; protected slots stay first (inf beats the boost)
+            boosted = np.where(np.isin(v.words, agreed) & np.isfinite(sc), np.finfo(np.float64).max, sc)
+            out.append(top_k_slots(boosted, v.capacity))
+        return out
 
     def keep_whole(self, scores: np.ndarray, view: LayerView) -> np.ndarray:
         """The shared step that keeps multi-token facts whole: pooling, spans, words (each optional)."""
