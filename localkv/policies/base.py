@@ -189,7 +189,7 @@ class Policy:
     def paper_exact(cls) -> dict[str, object]:
         """The --policy-arg values that give the paper's own selection (token-level top-k, no extra pooling)."""
         defaults = {f.name: f.default for f in fields(cls)}
-        exact = {"whole_words": False, "pool": 1, "span": 1}
+        exact = {"whole_words": False, "pool": 1, "span": 1, "consensus": 0.0}
         return {k: v for k, v in exact.items() if defaults[k] != v}
 
     @classmethod
