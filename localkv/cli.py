@@ -172,7 +172,8 @@ def serve(
     policy_arg: Optional[List[str]] = PolicyArgOpt,
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
     port: int = typer.Option(8000, "--port", help="port to listen on (0: any free port)"),
-    pool: int = typer.Option(4, "--pool", help="conversation caches kept (one engine each, least recently used evicted)"),
+    pool: int = typer.Option(4, "--pool", help="conversation caches kept (one llama.cpp context each on one loaded "
+                                                "model; least recently used evicted)"),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="reply length when a request sets no max_tokens"),
     ctx: Optional[int] = CtxOpt,
     cache_type_k: str = CacheKOpt,

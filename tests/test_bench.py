@@ -143,3 +143,5 @@ def test_fact_family_expands_and_detects_broken_facts():
     assert kinds == {"code", "date", "version", "uuid", "path", "ident"}
     code = tasks.Sample("fact_code", "", "", "", ["cobalt-7391"])
     assert code.partial("Maria's code is cobalt-71.") and not code.partial("I do not know.")
+    version = tasks.Sample("fact_version", "", "", "", ["v8.40.49"])
+    assert version.partial("It is v8.") and not version.partial("It is v1.0.0.")

@@ -90,15 +90,16 @@ class Sample:
         return sum(e.lower() in low for e in self.expected) / len(self.expected)
 
     def partial(self, output: str) -> bool:
-        """True when a fact came back broken: the output holds its first or last half (or more) but not all of it,
-        and is not simply another fact of the document (a wrong answer, not a broken one)."""
+        """True when a fact came back broken: the output holds its first or last third (or more, at least three
+        characters) but not all of it, and is not simply another fact of the document (a wrong answer, not a
+        broken one)."""
         low = output.lower()
         others = [o.lower() for o in self.meta.get("facts", [])]
         for e in (x.lower() for x in self.expected):
             if e in low or any(o != e and o in low for o in others):
                 continue
-            half = max(3, -(-len(e) // 2))
-            if any(e[:n] in low or e[-n:] in low for n in range(half, len(e))):
+            third = max(3, -(-len(e) // 3))
+            if any(e[:n] in low or e[-n:] in low for n in range(third, len(e))):
                 return True
         return False
 
