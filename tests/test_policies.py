@@ -115,6 +115,18 @@ def test_whole_words_keep_every_piece_of_a_hit_word():
     assert 17 in exact[0] and not set(range(15, 20)) <= set(exact[0].tolist())  # the paper's top-k breaks the word
 
 
+def test_top_k_never_cuts_a_word_in_two():
+    from localkv.policies.base import top_k_groups
+    # words [0 0 0] [1 1] [2] [3 3 3]; scores already word-max; the last slot is protected
+    scores = np.array([[5.0, 5.0, 5.0, 4.0, 4.0, 3.0, 2.0, 2.0, np.inf]])
+    words = np.array([[0, 0, 0, 1, 1, 2, 3, 3, 3]])
+    assert top_k_groups(scores, 5, words).tolist() == [[0, 1, 2, 5, 8]]      # word 1 does not fit: word 2 does
+    assert top_k_groups(scores, 6, words).tolist() == [[0, 1, 2, 3, 4, 8]]
+    assert top_k_groups(scores, 2, words).tolist() == [[5, 8]]
+    assert top_k_groups(scores, 1, words).tolist() == [[8]]
+    assert top_k_groups(np.array([[1.0, 1.0, 1.0]]), 2, np.array([[0, 0, 0]])).tolist() == [[0, 1]]  # only singles
+
+
 def test_group_max_and_word_index():
     from localkv.policies.base import group_max
     from localkv.words import MAX_WORD_TOKENS, WordIndex
@@ -204,6 +216,21 @@ def _reference_words(pieces):
     return np.array(ids)
 
 
+def _reference_whole_top_k(score, k, words):
+    """Protected slots, then whole words best first, passing over a word that no longer fits; singles last."""
+    keep = [int(i) for i in np.flatnonzero(np.isposinf(score))][:k]
+    free = [i for i in range(len(score)) if i not in keep]
+    best = {}
+    for i in free:
+        best[words[i]] = max(best.get(words[i], -np.inf), score[i])
+    for w in sorted(best, key=lambda w: (-best[w], min(i for i in free if words[i] == w))):
+        members = [i for i in free if words[i] == w]
+        if len(members) <= k - len(keep):
+            keep += members
+    keep += sorted((i for i in free if i not in keep), key=lambda i: -score[i])[:k - len(keep)]
+    return np.array(sorted(keep))
+
+
 def _word_max(scores, words):
     out = scores.copy()
     for w in np.unique(words):
@@ -225,7 +252,8 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
     dump = GraphDump({f"{t}cur-{il}" for t in "QKV" for il in LAYERS})
     budget = 48
     chosen = {}
-    args = {"whole_words": "false", "pool": "1"} if exact else {}
+    # the reference selects layer by layer; cross-layer consensus (h2o's default) has its own test
+    args = {"whole_words": "false", "pool": "1"} if exact else {"consensus": "0"}
     with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback,
                      policy_args=args) as eng:
         pol = eng.policy
@@ -253,7 +281,8 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
         for h in range(N_HEAD_KV):
             got = chosen[il][h]
             assert len(got) == caps[il] and len(set(got.tolist())) == caps[il]
-            want = np.sort(np.argsort(-scores[h], kind="stable")[:caps[il]])
+            want = (_reference_whole_top_k(scores[h], caps[il], words) if not exact and pol.whole_words
+                    else np.sort(np.argsort(-scores[h], kind="stable")[:caps[il]]))
             if not np.array_equal(got, want):
                 # ties aside: a slot kept instead of the reference's choice must score the same (within fp noise)
                 kth = np.sort(scores[h])[::-1][caps[il] - 1]

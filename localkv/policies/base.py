@@ -134,7 +134,13 @@ class Policy:
         """[n_head_kv, capacity] sorted slots to keep (all slots if they fit)."""
         if view.n_used <= view.capacity:
             return np.tile(np.arange(view.n_used, dtype=np.int32), (view.n_head_kv, 1))
-        return top_k_slots(self.final_scores(view), view.capacity)
+        return self.top_k(self.final_scores(view), view)
+
+    def top_k(self, scores: np.ndarray, view: LayerView) -> np.ndarray:
+        """[n_head_kv, capacity] the best slots; words (or spans) are taken whole, so the cut never splits one."""
+        groups = view.words if self.whole_words and view.words is not None else \
+            view.positions // self.span if self.span > 1 else None
+        return top_k_slots(scores, view.capacity) if groups is None else top_k_groups(scores, view.capacity, groups)
 
     def final_scores(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] what the top-k ranks: the policy's score, kept whole, protected slots at +inf."""
@@ -156,7 +162,7 @@ class Policy:
         kept_in: dict[int, int] = {}
         held_in: dict[int, int] = {}
         for v, sc in zip(views, scores):
-            keep = top_k_slots(sc, v.capacity) if sc is not None else None
+            keep = self.top_k(sc, v) if sc is not None else None
             for h in range(v.n_head_kv):
                 words = v.words[h]
                 held = np.unique(words[words >= 0])
@@ -173,7 +179,7 @@ class Policy:
                 continue
             # agreed words rank above every other score; protected slots stay first (inf beats the boost)
             boosted = np.where(np.isin(v.words, agreed) & np.isfinite(sc), np.finfo(np.float64).max, sc)
-            out.append(top_k_slots(boosted, v.capacity))
+            out.append(self.top_k(boosted, v))
         return out
 
     def keep_whole(self, scores: np.ndarray, view: LayerView) -> np.ndarray:
@@ -202,6 +208,42 @@ def top_k_slots(scores: np.ndarray, k: int) -> np.ndarray:
     """Per row, the k highest-scoring slots (ties: the earlier slot), sorted ascending."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.sort(order, axis=1).astype(np.int32)
+
+
+def top_k_groups(scores: np.ndarray, k: int, groups: np.ndarray) -> np.ndarray:
+    """Per row, k slots taken a group at a time, best group first; +inf (protected) slots always.
+
+    Every slot of a group shares the group's best score, so a plain top-k would cut the last group it reaches
+    in two (a fact with its tail missing). A group that no longer fits is passed over for the next one that does;
+    only when no whole group fits what is left are single slots taken, best first.
+    """
+    n = scores.shape[1]
+    out = np.empty((scores.shape[0], k), dtype=np.int32)
+    for h in range(scores.shape[0]):
+        order = np.argsort(-scores[h], kind="stable")
+        take = np.zeros(n, dtype=bool)
+        take[order[:k][np.isposinf(scores[h][order[:k]])]] = True
+        left = k - int(take.sum())
+        rest = order[~take[order]]
+        # groups in the order their best slot ranks, with their sizes
+        ids, first, inverse, sizes = np.unique(groups[h][rest], return_index=True, return_inverse=True,
+                                               return_counts=True)
+        ranked = np.argsort(first, kind="stable")
+        fits = np.searchsorted(np.cumsum(sizes[ranked]), left, side="right")  # these groups fit one after another
+        chosen = np.zeros(len(ids), dtype=bool)
+        chosen[ranked[:fits]] = True
+        left -= int(sizes[ranked[:fits]].sum())
+        for g in ranked[fits:]:
+            if left == 0:
+                break
+            if sizes[g] <= left:
+                chosen[g] = True
+                left -= int(sizes[g])
+        take[rest[chosen[inverse.reshape(-1)]]] = True
+        if left:  # nothing whole fits the rest: the best single slots
+            take[order[~take[order]][:left]] = True
+        out[h] = np.flatnonzero(take)
+    return out
 
 
 def group_max(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
