@@ -253,7 +253,8 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
     budget = 48
     chosen = {}
     # the reference selects layer by layer; cross-layer consensus (h2o's default) has its own test
-    args = {"whole_words": "false", "pool": "1"} if exact else {"consensus": "0"}
+    args = ({k: str(v) for k, v in policies.available()[name].paper_exact().items()} if exact
+            else {"consensus": "0"})
     with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback,
                      policy_args=args) as eng:
         pol = eng.policy
