@@ -127,6 +127,22 @@ def test_top_k_never_cuts_a_word_in_two():
     assert top_k_groups(np.array([[1.0, 1.0, 1.0]]), 2, np.array([[0, 0, 0]])).tolist() == [[0, 1]]  # only singles
 
 
+def test_policy_select_takes_words_whole_at_the_budget_cut():
+    pol = policies.create("snapkv", {"window": "0", "kernel": "1"})
+    view = fake_view(np.random.default_rng(4), 40, 8, n_seen=40)
+    view.positions = np.tile(np.arange(40, dtype=np.int32), (2, 1))
+    words = np.arange(40) // 5
+    words[35:38], words[38:] = 20, 21                                # a 3-token and a 2-token word at the end
+    view.words = np.tile(words, (2, 1))
+    stat = np.full((2, 40), 0.01, dtype=np.float32)
+    stat[:, 17], stat[:, 33], stat[:, 36] = 5.0, 4.0, 3.0             # words 3 (5 tokens), 6 (5 tokens), 20 (3)
+    for kind in range(capi.STAT_COUNT):
+        view._stats[(kind, True)] = stat
+    keep = pol.select(view)
+    # word 6 no longer fits after word 3 (3 slots left): the 3-token word takes them instead of 3 pieces of word 6
+    assert keep.tolist() == [list(range(15, 20)) + [35, 36, 37]] * 2
+
+
 def test_group_max_and_word_index():
     from localkv.policies.base import group_max
     from localkv.words import MAX_WORD_TOKENS, WordIndex
