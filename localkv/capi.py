@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -24,6 +24,8 @@ STAT_LAST = 3
 STAT_VNORM = 4
 STAT_ACC_ADAPTIVE = 5
 STAT_COUNT = 6
+# set_stats flag: statistics per query head instead of summed per KV head (tests, analysis)
+STATS_QUERY_HEADS = 1 << 31
 
 # enum llama_localkv_status
 STATUS_NAMES = {
@@ -63,8 +65,8 @@ _SIGNATURES = {
     "llama_localkv_n_kv_layers": (c_int32, [c_void_p]),
     "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_size_t), POINTER(c_size_t)]),
     "llama_localkv_last_error": (c_char_p, []),
-    "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), c_int32, c_uint32]),
-    "llama_localkv_resize": (c_int32, [c_void_p, POINTER(c_uint32), c_int32, c_uint32]),
+    "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
+    "llama_localkv_resize": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
     "llama_localkv_enabled": (c_int32, [c_void_p]),
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
@@ -73,6 +75,8 @@ _SIGNATURES = {
     "llama_localkv_get_stat": (c_int32, [c_void_p, c_int32, c_int32, c_bool, POINTER(c_float), c_size_t]),
     "llama_localkv_keep": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_int32]),
     "llama_localkv_stats_bytes": (c_int64, [c_void_p]),
+    "llama_localkv_transfer_bytes": (c_int64, [c_void_p]),
+    "llama_localkv_read_rows": (c_int32, [c_void_p, c_int32, c_int32, c_void_p, c_size_t]),
 }
 for _name, (_res, _args) in _SIGNATURES.items():
     _f = getattr(lib, _name)
@@ -116,22 +120,31 @@ def kv_layers(ctx) -> list[tuple[int, int, int]]:
     return out
 
 
-def enable(ctx, capacities, headroom: int) -> None:
-    caps = (c_uint32 * len(capacities))(*[int(c) for c in capacities])
-    _check("enable", lib.llama_localkv_enable(ctx, caps, len(capacities), int(headroom)))
+def _u32(values):
+    return (c_uint32 * len(values))(*[int(v) for v in values])
 
 
-def resize(ctx, capacities, headroom: int) -> None:
-    caps = (c_uint32 * len(capacities))(*[int(c) for c in capacities])
-    _check("resize", lib.llama_localkv_resize(ctx, caps, len(capacities), int(headroom)))
+def enable(ctx, capacities, slots) -> None:
+    """Compressed storage: capacities[i] tokens per KV head kept by a compression, slots[i] allocated now."""
+    if len(slots) != len(capacities):
+        raise LocalkvError(f"enable: {len(capacities)} capacities but {len(slots)} slot counts")
+    _check("enable", lib.llama_localkv_enable(ctx, _u32(capacities), _u32(slots), len(capacities)))
+
+
+def resize(ctx, capacities, slots) -> None:
+    """New capacities and slot counts per layer, keeping the tokens held (reallocates, backend to backend)."""
+    if len(slots) != len(capacities):
+        raise LocalkvError(f"resize: {len(capacities)} capacities but {len(slots)} slot counts")
+    _check("resize", lib.llama_localkv_resize(ctx, _u32(capacities), _u32(slots), len(capacities)))
 
 
 def enabled(ctx) -> bool:
     return _check("enabled", lib.llama_localkv_enabled(ctx)) == 1
 
 
-def set_stats(ctx, stats, window: int = 32) -> None:
-    flags = 0
+def set_stats(ctx, stats, window: int = 32, query_heads: bool = False) -> None:
+    """Compute `stats` from the next decode on; query_heads keeps them per query head (else per KV head)."""
+    flags = STATS_QUERY_HEADS if query_heads else 0
     for s in stats:
         flags |= 1 << s
     _check("set_stats", lib.llama_localkv_set_stats(ctx, flags, int(window)))
@@ -178,3 +191,17 @@ def keep(ctx, i: int, slots: np.ndarray) -> None:
 
 def stats_bytes(ctx) -> int:
     return _check("stats_bytes", lib.llama_localkv_stats_bytes(ctx))
+
+
+def transfer_bytes(ctx) -> int:
+    """Bytes compression moved between host and backend since enable (indices, statistics read, fallbacks)."""
+    return _check("transfer_bytes", lib.llama_localkv_transfer_bytes(ctx))
+
+
+def read_rows(ctx, i: int, which: int) -> np.ndarray:
+    """[n_used, row bytes] uint8: the raw K (which=0) or V (1) rows of the i-th layer's slots in use."""
+    row = _check("read_rows", lib.llama_localkv_read_rows(ctx, i, which, None, 0))
+    n_used = layer_state(ctx, i)[2]
+    buf = np.empty((n_used, row), dtype=np.uint8)
+    _check("read_rows", lib.llama_localkv_read_rows(ctx, i, which, buf.ctypes.data_as(c_void_p), buf.size))
+    return buf

@@ -334,8 +334,8 @@ def models_info(
             out.print(f"sliding-window attention ({info.sliding_window} tokens): full cache only, "
                       "the compressed cache refuses it")
         out.print("KV cache per token: " + ", ".join(f"{t} {fmt_bytes(b)}" for t, b in per_token.items()))
-        t = Table(title=f"KV cache: full against budget {budget} (f16, {budget} + {gguf_info.HEADROOM} slots per head "
-                        "at rest)")
+        t = Table(title=f"KV cache: full against budget {budget} (f16, at most {budget} + {gguf_info.HEADROOM} slots "
+                        "per head at rest)")
         for col in ("tokens", "full f16", "full q8_0", "full q4_0", f"budget {budget}", "saved vs f16"):
             t.add_column(col, justify="right", no_wrap=True)
         for r in rows:
@@ -346,8 +346,8 @@ def models_info(
         out.print(t)
         if any(r["beyond_trained_context"] for r in rows):
             out.print(f"* beyond the trained context ({info.context_length} tokens)")
-        out.print(f"While a prompt goes in, up to --prefill-budget (default {gguf_info.PREFILL_BUDGET}) + "
-                  f"{gguf_info.HEADROOM} tokens per head are held; --prefill-budget 0 holds the budget throughout.")
+        out.print(f"While a long prompt goes in, up to --prefill-budget (default {gguf_info.PREFILL_BUDGET}) + one "
+                  "chunk (256) tokens per head are held; --prefill-budget 0 holds the budget throughout.")
     run_guarded(body)
 
 
@@ -380,7 +380,7 @@ def bench_speed(
     lengths: str = typer.Option("1024,4096,8192", "--lengths", help="prompt lengths in tokens"),
     decode: int = typer.Option(64, "--decode", help="tokens decoded after the prompt"),
     prefill_budget: Optional[int] = PrefillOpt,
-    chunk: int = typer.Option(256, "--chunk", help="prefill chunk (and headroom) in tokens"),
+    chunk: int = typer.Option(256, "--chunk", help="prefill chunk in tokens (the cache grows a chunk at a time while a prompt goes in)"),
     cache_type: str = typer.Option("f16", "--cache-type", help="K and V cache type"),
     out_dir: Path = typer.Option(Path("bench-results"), "--out", help="results directory (JSON lines, resumable)"),
     markdown: bool = typer.Option(False, "--markdown", help="print the table as Markdown"),

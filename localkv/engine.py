@@ -35,6 +35,15 @@ DEFAULT_CHUNK = 256
 DEFAULT_PREFILL_BUDGET = 4096
 
 
+# statistics every ubatch overwrites (its observation window), unlike the accumulated ones (capi.STAT_*)
+WINDOWED_STATS = frozenset({capi.STAT_OBS, capi.STAT_OBS_ADAPTIVE, capi.STAT_LAST})
+
+
+def pad_slots(n: int) -> int:
+    """Slots as the compressed cache allocates them (a multiple of 32, at least one)."""
+    return max(32, -(-int(n) // 32) * 32)
+
+
 def peak_rss_bytes() -> int:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb if sys.platform == "darwin" else kb * 1024
@@ -50,8 +59,8 @@ class GenerationResult:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     first_token_latency_s: float
-    kv_bytes_allocated: int     # KV buffers llama.cpp holds now (budget + one chunk when compressing)
-    kv_bytes_prefill: int       # KV buffers while the prompt went in (the prefill working set)
+    kv_bytes_allocated: int     # KV buffers llama.cpp holds now (at rest: budget + decode interval at most)
+    kv_bytes_prefill: int       # the most the KV buffers held so far (a long prompt's working set)
     kv_bytes_full_f16: int
     kv_tokens_kept: int
     kv_stats_bytes: int
@@ -59,6 +68,7 @@ class GenerationResult:
     peak_rss_bytes: int
     compressions: int
     compress_seconds: float
+    compress_bytes: int         # bytes compression moved between host and backend (indices, scores read)
     stop_reason: str
     cache_type_k: str
     cache_type_v: str
@@ -86,8 +96,8 @@ class MemoryReport:
     tokens: int                 # tokens the figures below are for
     cache_type_k: str
     cache_type_v: str
-    kv_bytes_allocated: int     # from llama.cpp's memory breakdown (at rest: budget + one chunk)
-    kv_bytes_prefill: int       # the same while a prompt goes in (prefill working set)
+    kv_bytes_allocated: int     # from llama.cpp's memory breakdown (at rest: budget + decode interval at most)
+    kv_bytes_prefill: int       # the KV buffers while a prompt of `tokens` goes in (the prefill working set)
     kv_bytes_full_f16: int      # a full f16 cache for `tokens`
     kv_bytes_full_q8_0: int
     kv_bytes_full_q4_0: int
@@ -179,27 +189,26 @@ class Engine:
             n = len(self.kv_layers)
             self.capacities = self.policy.capacities(budget, n)
             self.prefill_capacities = self.policy.capacities(self.prefill_budget, n)
-            # C's capacity is the budget (AhaKV's k); the prefill working set lives in the headroom
-            self._wide_headroom = max(p - c for p, c in zip(self.prefill_capacities, self.capacities)) + self.chunk
-            self._headroom = self._wide_headroom
             try:
-                capi.enable(self.ctx, self.capacities, self._headroom)
-                # what the prefill working set costs; the cache shrinks to budget + one chunk after each prompt
-                self.kv_bytes_prefill = capi.memory_bytes(self.ctx)
-                self._set_headroom(self.chunk)
+                # C's capacity is the budget (AhaKV's k); the slots start at one decode interval and grow as tokens
+                # come (see _make_room), so a short chat never holds more than a full cache would
+                capi.enable(self.ctx, self.capacities, [self.decode_interval] * n)
+                slots = [capi.layer_state(self.ctx, i)[1] for i in range(n)]
+                self._slot_bytes = [(kb + vb) / s for (_il, kb, vb), s in zip(capi.kv_layers(self.ctx), slots)]
             except capi.CapiError as e:
                 if e.code == -2:
                     raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
                                        f"({shape.architecture}): {e}") from None
                 raise
-        if not self.policy.compresses:
-            self.kv_bytes_prefill = capi.memory_bytes(self.ctx)
+        # the most the KV buffers have held (a compressed cache peaks while a long prompt goes in)
+        self.kv_bytes_peak = capi.memory_bytes(self.ctx)
         self.n_past = 0
         self._words = WordIndex(self.model.piece)  # which positions form one word (policies keep words whole)
         self._history_text = ""  # the rendered text the cache holds (a chat continues after it)
         self.compressions = 0
+        self.reallocations = 0  # resizes of the compressed cache (growing for a prompt, shrinking at rest)
         self.compress_seconds = 0.0
-        self._stats_phase: str | None = None
+        self._stats_phase: tuple | str | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -224,6 +233,8 @@ class Engine:
     def reset(self) -> None:
         """Forget the conversation (the cache is emptied, its buffers stay)."""
         ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        if self.compressing:
+            self._settle()
         self.n_past = 0
         self._words.reset()
         self._history_text = ""
@@ -234,11 +245,24 @@ class Engine:
     def compressing(self) -> bool:
         return self.policy.compresses
 
-    def _set_phase(self, phase: str) -> None:
-        if not self.compressing or phase == self._stats_phase:
+    def _set_phase(self, phase: str, observe: bool = True) -> None:
+        """Switch on the statistics the policy needs in `phase`. Without `observe`, the ones every ubatch
+        overwrites (its observation window: read only when a compression follows) stay off."""
+        key = (phase, observe)
+        if not self.compressing or key == self._stats_phase:
             return
-        capi.set_stats(self.ctx, self.policy.needs(phase), self.policy.obs_window(phase))
-        self._stats_phase = phase
+        needs = set(self.policy.needs(phase))
+        if not observe:
+            needs -= WINDOWED_STATS
+        capi.set_stats(self.ctx, needs, self.policy.obs_window(phase))
+        self._stats_phase = key
+
+    def _compresses_before(self, n: int, n_next: int) -> bool:
+        """Whether, after n more prompt tokens, the next n_next would need a compression first (_make_room's
+        rule: the slots cannot grow past the prefill working set plus one chunk)."""
+        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+        return any(used + n + n_next > pad_slots(p + self.chunk)
+                   for p, (_cap, _alloc, used) in zip(self.prefill_capacities, states))
 
     def layer_view(self, i: int, phase: str) -> LayerView:
         cap, _alloc, _used = capi.layer_state(self.ctx, i)
@@ -247,11 +271,40 @@ class Engine:
                          n_head=self.shape.n_head, n_head_kv=self.shape.n_head_kv, capacity=cap,
                          positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions))
 
-    def _set_headroom(self, headroom: int) -> None:
-        """Grow the slots for a prefill working set, or shrink back to budget + one chunk (keeps the tokens)."""
-        if headroom != self._headroom:
-            capi.resize(self.ctx, self.capacities, headroom)
-            self._headroom = headroom
+    def _resize(self, slots: list[int], states) -> None:
+        """Reallocate every layer to `slots` (padded like the C side) unless that changes nothing."""
+        slots = [pad_slots(s) for s in slots]
+        if slots != [alloc for _cap, alloc, _used in states]:
+            capi.resize(self.ctx, self.capacities, slots)
+            self.reallocations += 1
+            self.kv_bytes_peak = max(self.kv_bytes_peak, capi.memory_bytes(self.ctx))
+
+    def working_set_bytes(self, tokens: int) -> int:
+        """KV bytes a compressed cache holds while a prompt of `tokens` tokens goes in (its largest size)."""
+        if not self.compressing:
+            return capi.memory_bytes(self.ctx)
+        return int(sum(b * pad_slots(min(p, tokens) + self.chunk) for b, p in zip(self._slot_bytes, self.prefill_capacities)))
+
+    def _make_room(self, n: int, phase: str, targets: list[int] | None = None) -> None:
+        """Room for n more tokens in every layer: grow the slots while under the phase's limit, else compress.
+
+        Growth: up to the tokens held + n + one chunk, never past the limit (the prefill working set + one
+        chunk while a prompt goes in, the budget + the decode interval while decoding), so the cache never
+        holds more than the tokens seen plus one chunk and reallocates at most once per chunk of tokens.
+        """
+        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+        if all(used + n <= alloc for _cap, alloc, used in states):
+            return
+        caps = self.prefill_capacities if phase == PREFILL else self.capacities
+        extra = self.chunk if phase == PREFILL else self.decode_interval
+        want = [max(alloc, min(c + extra, used + n + self.chunk)) for c, (_cap, alloc, used) in zip(caps, states)]
+        self._resize(want, states)
+        self.compress(phase, room=n, targets=targets)
+
+    def _settle(self) -> None:
+        """At rest (between turns, while decoding): each layer holds what it kept plus one decode interval."""
+        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+        self._resize([used + self.decode_interval for _cap, _alloc, used in states], states)
 
     def compress(self, phase: str, room: int = 0, targets: list[int] | None = None) -> bool:
         """Bring every layer over its target (default: its budget capacity) back to it.
@@ -282,6 +335,14 @@ class Engine:
             self.compressions += 1
         self.compress_seconds += time.perf_counter() - t0
         return did
+
+    def graphs_reused(self) -> int:
+        """Compute graphs llama.cpp reused instead of building anew (its own performance counter)."""
+        return int(ll.llama_perf_context(self.ctx).n_reused)
+
+    def compress_bytes(self) -> int:
+        """Bytes compression has moved between host and backend so far (0 with the full cache)."""
+        return capi.transfer_bytes(self.ctx) if self.compressing else 0
 
     def kv_tokens_kept(self) -> int:
         """Tokens per KV head held now (the largest layer), or all tokens with the full cache."""
@@ -338,20 +399,19 @@ class Engine:
                 f"the prompt needs {self.n_past + len(tokens)} tokens but the context holds {self.n_ctx}: "
                 f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
         self._set_phase(PREFILL)
-        if self.compressing:
-            # grow the slots only as far as this prompt needs (a short chat turn needs nothing)
-            states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-            need = max(used + len(tokens) - cap for cap, _alloc, used in states)
-            need = -(-need // self.chunk) * self.chunk
-            self._set_headroom(max(self._headroom, min(self._wide_headroom, need)))
         chunks = self._chunks(tokens)
         for j, chunk in enumerate(chunks):
-            self.compress(PREFILL, room=len(chunk), targets=self.prefill_capacities if self.compressing else None)
+            if self.compressing:
+                self._make_room(len(chunk), PREFILL, targets=self.prefill_capacities)
+                # the observation window matters only for a chunk a compression follows (the last one, or one
+                # after which the working set is full): the others skip it
+                last = j == len(chunks) - 1
+                self._set_phase(PREFILL, observe=last or self._compresses_before(len(chunk), len(chunks[j + 1])))
             self._decode(chunk, want_logits and j == len(chunks) - 1)
         # question-aware: the last queries of the prompt decide what the budget keeps
-        self.compress(PREFILL)
         if self.compressing:
-            self._set_headroom(self.chunk)
+            self.compress(PREFILL)
+            self._settle()
 
     def log_probs(self, tokens: list[int]) -> np.ndarray:
         """Teacher-forced log-probabilities [len(tokens), n_vocab] of the next token after each of `tokens`.
@@ -366,7 +426,8 @@ class Engine:
         n_vocab = self.shape.n_vocab
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
-            self.compress(PREFILL, room=len(chunk))
+            if self.compressing:
+                self._make_room(len(chunk), PREFILL)
             self._decode(chunk, True, all_logits=True)
             logits = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(len(chunk), n_vocab))
             x = logits.astype(np.float64)
@@ -380,7 +441,8 @@ class Engine:
         if not self.compressing and self.n_past + 1 > self.n_ctx:
             raise LocalkvError(f"the context is full ({self.n_ctx} tokens): raise --ctx or use a compressing policy")
         self._set_phase(DECODE)
-        self.compress(DECODE, room=1)
+        if self.compressing:
+            self._make_room(1, DECODE)
         self._decode([token], True)
         if self.compressing and self.kv_tokens_kept() >= max(self.capacities) + self.decode_interval:
             self.compress(DECODE)
@@ -430,7 +492,7 @@ class Engine:
         if not tokens:
             raise LocalkvError("the prompt is empty")
 
-        start_compressions, start_cs = self.compressions, self.compress_seconds
+        start_compressions, start_cs, start_cb = self.compressions, self.compress_seconds, self.compress_bytes()
         t0 = time.perf_counter()
         for seg in token_segments:
             self.feed(seg)
@@ -492,13 +554,14 @@ class Engine:
             prefill_tokens_per_s=len(tokens) / t_prefill if t_prefill > 0 else 0.0,
             decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
             first_token_latency_s=(t_first - t0) if t_first is not None else t_prefill,
-            kv_bytes_allocated=mem, kv_bytes_prefill=self.kv_bytes_prefill,
+            kv_bytes_allocated=mem, kv_bytes_prefill=self.kv_bytes_peak,
             kv_bytes_full_f16=self.full_bytes(self.n_past, "f16"),
             kv_tokens_kept=self.kv_tokens_kept(),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
             compute_bytes=capi.compute_bytes(self.ctx), peak_rss_bytes=peak_rss_bytes(),
             compressions=self.compressions - start_compressions,
-            compress_seconds=self.compress_seconds - start_cs, stop_reason=stop,
+            compress_seconds=self.compress_seconds - start_cs, compress_bytes=self.compress_bytes() - start_cb,
+            stop_reason=stop,
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, model=self.model_path)
 
     # ---------------------------------------------------------------- memory
@@ -510,6 +573,14 @@ class Engine:
 
     def memory_report(self, tokens: int | None = None) -> MemoryReport:
         """What llama.cpp allocated for this context's KV cache, layer by layer, next to full caches."""
+        n = tokens if tokens is not None else (self.n_ctx if not self.compressing else DEFAULT_CTX)
+        if self.compressing and self.n_past == 0:
+            # an empty cache holds one decode interval; size it as it is at rest after n tokens (a real
+            # allocation by llama.cpp, read back below), so the report shows what such a prompt leaves held
+            states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
+            self._resize([min(c, n) + self.decode_interval for c in self.capacities], states)
+            for phase in (PREFILL, DECODE):  # the statistics the policy allocates over a prompt and a reply
+                self._set_phase(phase)
         layers = []
         for i, (il, kb, vb) in enumerate(self.kv_layers if not self.compressing else capi.kv_layers(self.ctx)):
             lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb)
@@ -517,11 +588,10 @@ class Engine:
                 cap, _alloc, used = capi.layer_state(self.ctx, i)
                 lm.capacity, lm.used = cap, used
             layers.append(lm)
-        n = tokens if tokens is not None else (self.n_ctx if not self.compressing else DEFAULT_CTX)
         return MemoryReport(
             model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-            kv_bytes_allocated=capi.memory_bytes(self.ctx), kv_bytes_prefill=self.kv_bytes_prefill,
+            kv_bytes_allocated=capi.memory_bytes(self.ctx), kv_bytes_prefill=self.working_set_bytes(n),
             kv_bytes_full_f16=self.full_bytes(n, "f16"), kv_bytes_full_q8_0=self.full_bytes(n, "q8_0"),
             kv_bytes_full_q4_0=self.full_bytes(n, "q4_0"),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,

@@ -22,8 +22,10 @@ import numpy as np
 
 from .errors import LocalkvError
 
-# slots of headroom a compressed cache keeps at rest beyond the budget: one prefill chunk (engine.DEFAULT_CHUNK)
-HEADROOM = 256
+# slots a compressed cache keeps at rest beyond the budget: one decode interval (the engine's default), the
+# allocation padded to a multiple of SLOT_PAD like llama.cpp's side does
+HEADROOM = 32
+SLOT_PAD = 32
 # tokens per KV head held while a prompt goes in, by default (engine.DEFAULT_PREFILL_BUDGET)
 PREFILL_BUDGET = 4096
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -106,21 +108,23 @@ class ModelFile:
     def full_bytes(self, tokens: int, cache_type: str = "f16") -> int:
         return self.kv_bytes_per_token(cache_type) * tokens
 
-    def compressed_bytes(self, budget: int, cache_type: str = "f16") -> int:
-        """KV bytes a compressed cache holds at rest: `budget` tokens per KV head plus one chunk of headroom."""
-        return self.kv_bytes_per_token(cache_type) * (budget + HEADROOM)
+    def compressed_bytes(self, budget: int, cache_type: str = "f16", tokens: int | None = None) -> int:
+        """KV bytes a compressed cache holds at rest after `tokens` (default: more than the budget): what it
+        kept, at most `budget` per KV head, plus one decode interval of slots, padded as llama.cpp allocates."""
+        kept = budget if tokens is None else min(budget, tokens)
+        return self.kv_bytes_per_token(cache_type) * (-(-(kept + HEADROOM) // SLOT_PAD) * SLOT_PAD)
 
     def savings(self, budget: int, contexts: tuple[int, ...] = CONTEXTS) -> list[dict[str, Any]]:
         """Per context length: full caches in f16, q8_0 and q4_0 against a compressed f16 cache of `budget`.
 
-        saved_f16 is negative where the context is shorter than the budget plus its headroom.
+        A context shorter than the budget holds only its own tokens plus one decode interval.
         """
         if budget < 1:
             raise LocalkvError(f"budget must be at least 1, got {budget}")
         rows = []
         for n in contexts:
             full = {t: self.full_bytes(n, t) for t in CACHE_TYPES}
-            kept = self.compressed_bytes(budget)  # what llama.cpp allocates at rest, whatever the length
+            kept = self.compressed_bytes(budget, tokens=n)  # what llama.cpp allocates at rest after n tokens
             rows.append({"tokens": n, **{f"full_{t}": b for t, b in full.items()}, "compressed_f16": kept,
                          "saved_f16": full["f16"] - kept,
                          "beyond_trained_context": self.context_length is not None and n > self.context_length})

@@ -17,3 +17,10 @@ def make_engine(model_path, **kw):
     from localkv.engine import Engine
     kw.setdefault("threads", 2)
     return Engine(model_path, **kw)
+
+
+def raw_decode(eng, tokens, logits=False):
+    """Decode tokens straight into a compressed engine's cache, growing its slots first (no compression)."""
+    if eng.compressing:
+        eng._make_room(len(tokens), "prefill")
+    eng._decode(tokens, logits)

@@ -28,8 +28,9 @@ def live(model_path):
 
 
 def _refill(eng):
+    from conftest import raw_decode
     eng.reset()
-    eng._decode(eng._tokens, False)
+    raw_decode(eng, eng._tokens)
 
 
 int32 = st.integers(-2**31, 2**31 - 1)
@@ -70,6 +71,16 @@ def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, 
     rc = lib.llama_localkv_set_stats(ctx, flags, window)
     assert rc in CODES
     capi.set_stats(ctx, [capi.STAT_OBS], 32)  # back to a sane setting for the next example
+    rc = lib.llama_localkv_read_rows(ctx, layer, stat, None if null else fbuf, n_out)
+    assert rc in CODES or rc > 0
+    assert lib.llama_localkv_transfer_bytes(ctx) >= 0
+    # resize with hostile sizes: refused with a code, or done keeping every token
+    sizes = (ctypes.c_uint32 * N_LAYER)(*[(abs(x) % 300) if i % 7 else x & 0xFFFFFFFF
+                                          for i, x in enumerate((slots * N_LAYER)[:N_LAYER] or [0] * N_LAYER)])
+    used = [capi.layer_state(ctx, i)[2] for i in range(N_LAYER)]
+    rc = lib.llama_localkv_resize(ctx, None if null else sizes, sizes, N_LAYER if n_out % 3 else n_out)
+    assert rc in CODES
+    assert [capi.layer_state(ctx, i)[2] for i in range(N_LAYER)] == used
 
 
 def test_null_context_everywhere():
@@ -86,7 +97,10 @@ def test_null_context_everywhere():
     assert lib.llama_localkv_keep(None, 0, None, 0) == -1
     assert lib.llama_localkv_clear_stat(None, 0) == -1
     assert lib.llama_localkv_stats_bytes(None) == -1
-    assert lib.llama_localkv_enable(None, None, 0, 0) == -1
+    assert lib.llama_localkv_enable(None, None, None, 0) == -1
+    assert lib.llama_localkv_resize(None, None, None, 0) == -1
+    assert lib.llama_localkv_transfer_bytes(None) == -1
+    assert lib.llama_localkv_read_rows(None, 0, 0, None, 0) == -1
     assert isinstance(lib.llama_localkv_last_error(), bytes)
 
 
@@ -98,5 +112,5 @@ def test_decoding_after_random_evictions_still_works(live):
         keep = np.stack([np.sort(rng.choice(n, size=10, replace=False)) for _ in range(N_HEAD_KV)])
         capi.keep(live.ctx, i, keep)
     live.n_past = 40
-    live._decode(live._tokens[:5], True)   # attends 10 kept + 5 new tokens per head
+    live._decode(live._tokens[:5], True)   # attends 10 kept + 5 new tokens per head (room was left)
     assert capi.layer_state(live.ctx, 0)[2] == 15

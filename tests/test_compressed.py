@@ -8,7 +8,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from conftest import make_engine
+from conftest import make_engine, raw_decode
 from graph_dump import GraphDump
 from localkv import capi
 from localkv.errors import LocalkvError
@@ -66,30 +66,57 @@ def dumped(model_path):
     eng.close()
 
 
+def _pad(n):
+    return -(-n // 32) * 32
+
+
 def test_allocated_bytes_follow_capacities(model_path):
+    """At rest a layer holds its capacity plus the decode interval (32), padded to 32 slots: nothing idle."""
     for policy, ctk in (("snapkv", "f16"), ("pyramidkv", "f16"), ("snapkv", "q8_0")):
         with make_engine(model_path, policy=policy, budget=256, chunk=128, cache_type_k=ctk, cache_type_v=ctk,
                          flash_attn=True) as eng:
             per_token = N_HEAD_KV * D * 2 * (2 if ctk == "f16" else 34 / 32)   # K + V bytes per slot
+            # before any prompt: one decode interval of slots per layer
+            assert capi.memory_bytes(eng.ctx) == N_LAYER * 32 * per_token
+            eng.feed(eng.model.tokenize(TEXT * 4))                           # ~230 tokens per repeat: compresses
             allocated = capi.memory_bytes(eng.ctx)
-            want = sum(c for c in eng.capacities) * per_token
             assert allocated == sum(k + v for _il, k, v in capi.kv_layers(eng.ctx))
-            # at most 10% over the capacities plus one chunk of headroom per layer
-            assert want <= allocated <= 1.1 * want + N_LAYER * 128 * per_token
+            used = [capi.layer_state(eng.ctx, i)[2] for i in range(N_LAYER)]
+            assert used == [min(c, eng.n_past) for c in eng.capacities]
+            assert allocated == sum(_pad(u + 32) for u in used) * per_token
+            want = sum(eng.capacities) * per_token
+            # at most 10% over the capacities plus the decode interval and padding per layer
+            assert want <= allocated <= 1.1 * want + N_LAYER * 64 * per_token
             if policy == "pyramidkv":
                 assert eng.capacities[0] > eng.capacities[-1]
                 assert sum(eng.capacities) == 256 * N_LAYER
 
 
+def test_a_short_chat_is_never_bigger_than_what_it_has_seen(model_path):
+    """The cache grows with the conversation: never more than the tokens seen plus one chunk (and padding)."""
+    with make_engine(model_path, policy="snapkv", budget=384, chunk=128) as eng:
+        per_token = N_HEAD_KV * D * 2 * 2
+        sizes = []
+        eng.generate("Hi! Say one word.", max_tokens=8, temperature=0, keep_history=True,
+                     on_text=lambda _s: sizes.append((eng.n_past, capi.memory_bytes(eng.ctx))))
+        res = eng.generate("Now count to twenty.", max_tokens=60, temperature=0, keep_history=True, ignore_eos=True,
+                           on_text=lambda _s: sizes.append((eng.n_past, capi.memory_bytes(eng.ctx))))
+        assert res.kv_bytes_allocated < eng.full_bytes(384, "f16")
+        for seen, held in sizes:
+            assert held <= N_LAYER * _pad(seen + 128 + 1) * per_token
+        assert eng.kv_bytes_peak <= N_LAYER * _pad(eng.n_past + 128) * per_token
+
+
 def test_statistics_match_numpy_from_the_same_forward_pass(dumped):
     eng, dump, layers = dumped
     w = 16
-    capi.set_stats(eng.ctx, [capi.STAT_OBS, capi.STAT_OBS_ADAPTIVE, capi.STAT_ACC, capi.STAT_LAST], w)
+    capi.set_stats(eng.ctx, [capi.STAT_OBS, capi.STAT_OBS_ADAPTIVE, capi.STAT_ACC, capi.STAT_LAST, capi.STAT_VNORM],
+                   w, query_heads=True)
     eng._stats_phase = "manual"
     tokens = eng.model.tokenize(TEXT)[:110]
-    eng._decode(tokens[:60], False)     # chunk 1 (stays below the budget: no compression)
+    raw_decode(eng, tokens[:60])        # chunk 1 (stays below the budget: no compression)
     dump.end_pass()
-    eng._decode(tokens[60:110], True)   # chunk 2
+    raw_decode(eng, tokens[60:110], True)   # chunk 2
     dump.end_pass()
     for li, il in enumerate(layers):
         ikv = il                          # every layer is cached, in order
@@ -132,11 +159,11 @@ def test_keep_moves_exactly_the_requested_tokens(dumped):
     eng, dump, layers = dumped
     rng = np.random.default_rng(0)
     w = 8
-    capi.set_stats(eng.ctx, [capi.STAT_OBS], w)
+    capi.set_stats(eng.ctx, [capi.STAT_OBS, capi.STAT_VNORM], w, query_heads=True)
     eng._stats_phase = "manual"
     tokens = eng.model.tokenize(TEXT)[:100]
     for part in (tokens[:50], tokens[50:100]):   # n_batch is 64
-        eng._decode(part, False)
+        raw_decode(eng, part)
         dump.end_pass()
     kept = {}
     for i in range(N_LAYER):
@@ -153,7 +180,7 @@ def test_keep_moves_exactly_the_requested_tokens(dumped):
         assert capi.layer_state(eng.ctx, i)[2] == 40
         kept[i] = slots
     # the next ubatch attends exactly the kept K rows (checked through the observation statistic)
-    eng._decode(tokens[:20], True)
+    raw_decode(eng, tokens[:20], True)
     dump.end_pass()
     for il in layers:
         q = dump.tensors[f"Qcur-{il}"][2]
@@ -187,48 +214,141 @@ def test_chunked_prefill_of_8x_the_budget_stays_inside_and_answers(model_path):
         assert res.prompt_tokens >= 8 * 128
         assert res.compressions >= 7
         assert max(used_max) <= 128 + 128                    # never more than budget + one chunk
-        assert capi.memory_bytes(eng.ctx) == allocated       # nothing was reallocated
+        per_slot = N_HEAD_KV * D * 2 * 2
+        assert allocated == N_LAYER * 32 * per_slot          # one decode interval before the prompt
+        assert eng.kv_bytes_peak == N_LAYER * (128 + 128) * per_slot   # the working set: budget + one chunk
         assert res.kv_tokens_kept <= 128 + 32
         assert "BLUE-HERON-42" in res.text.replace(" ", "")
 
 
 def test_prefill_working_set_then_shrink_to_the_budget(model_path):
-    """A larger working set while the prompt goes in, then the buffers shrink to budget + one chunk."""
+    """A larger working set while the prompt goes in, then the buffers shrink to the budget + decode interval."""
     filler = "The river flows past the old mill and the wind moves the grass on the hills. "
     with make_engine(model_path, policy="snapkv", budget=128, prefill_budget=512, chunk=128) as eng:
         per_slot = N_HEAD_KV * D * 2 * 2
-        assert eng.kv_bytes_prefill == N_LAYER * (512 + 128) * per_slot   # sized for the working set...
-        assert capi.memory_bytes(eng.ctx) == N_LAYER * (128 + 128) * per_slot   # ...held only while prefilling
+        assert capi.memory_bytes(eng.ctx) == N_LAYER * 32 * per_slot  # the working set is not allocated...
+        assert eng.memory_report(2048).kv_bytes_prefill == N_LAYER * (512 + 128) * per_slot  # ...before a prompt
+        assert capi.memory_bytes(eng.ctx) == N_LAYER * (128 + 32) * per_slot  # the report sizes it as at rest
         prompt = filler * 30 + "The vault password is BLUE-HERON-42. " + filler * 30 + \
             "Question: what is the vault password?"
         res = eng.generate(prompt, max_tokens=16, temperature=0)
         assert res.prompt_tokens > 1024                               # more than the working set: it compressed
+        assert res.kv_bytes_prefill == N_LAYER * (512 + 128) * per_slot   # held while the prompt went in
         after = capi.memory_bytes(eng.ctx)
-        assert after == N_LAYER * (128 + 128) * per_slot              # budget + one chunk, nothing more
-        assert all(capi.layer_state(eng.ctx, i)[2] <= 128 + 16 for i in range(N_LAYER))
-        # a second turn grows the working set again and shrinks back
+        used = [capi.layer_state(eng.ctx, i)[2] for i in range(N_LAYER)]
+        assert all(u <= 128 + 32 for u in used)
+        assert after == N_LAYER * _pad(128 + 32) * per_slot           # the budget + one decode interval
+        # a new short prompt (the cache is emptied first) holds only what it needs
         res2 = eng.generate("Say OK.", max_tokens=4, temperature=0)
-        assert capi.memory_bytes(eng.ctx) == after and res2.text
+        assert capi.memory_bytes(eng.ctx) == N_LAYER * _pad(eng.n_past + 32) * per_slot and res2.text
 
 
 def test_resize_refuses_to_drop_tokens(model_path):
     with make_engine(model_path, policy="snapkv", budget=64, prefill_budget=64, chunk=64) as eng:
         tokens = eng.model.tokenize(TEXT * 2)
-        eng._decode(tokens[:60], False)
-        eng._decode(tokens[60:120], False)                                   # 120 of 128 slots in use
-        small = (ctypes.c_uint32 * N_LAYER)(*[1] * N_LAYER)
-        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER, 64) == -3    # 96 slots < 120 in use
-        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER, 32) == -6    # headroom < n_ubatch
-        assert capi.lib.llama_localkv_resize(eng.ctx, small, N_LAYER - 1, 64) == -1
+        capi.set_stats(eng.ctx, [capi.STAT_VNORM], 32)
+        eng._stats_phase = "manual"
+        raw_decode(eng, tokens[:60])
+        raw_decode(eng, tokens[60:120])                                      # 120 of 128 slots in use
+        caps = (ctypes.c_uint32 * N_LAYER)(*[64] * N_LAYER)
+        small = (ctypes.c_uint32 * N_LAYER)(*[96] * N_LAYER)
+        zero = (ctypes.c_uint32 * N_LAYER)(*[0] * N_LAYER)
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_LAYER) == -3  # 96 slots < 120 in use
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, zero, N_LAYER) == -6   # no slots
+        assert capi.lib.llama_localkv_resize(eng.ctx, zero, small, N_LAYER) == -6  # no capacity
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_LAYER - 1) == -1
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, None, N_LAYER) == -1
         assert capi.layer_state(eng.ctx, 0) == (64, 128, 120)                # nothing changed
         before = capi.positions(eng.ctx, 0, N_HEAD_KV)
         vnorm = capi.get_stat(eng.ctx, 0, capi.STAT_VNORM, N_HEAD_KV)
-        capi.resize(eng.ctx, [200] * N_LAYER, 64)                            # grow: tokens and statistics move
+        k_rows = capi.read_rows(eng.ctx, 0, 0)
+        moved = capi.transfer_bytes(eng.ctx)
+        capi.resize(eng.ctx, [200] * N_LAYER, [264] * N_LAYER)               # grow: tokens and statistics move
+        assert capi.transfer_bytes(eng.ctx) == moved                         # backend to backend
         assert capi.layer_state(eng.ctx, 0) == (200, 288, 120)
         assert (capi.positions(eng.ctx, 0, N_HEAD_KV) == before).all()
         np.testing.assert_array_equal(capi.get_stat(eng.ctx, 0, capi.STAT_VNORM, N_HEAD_KV), vnorm)
-        eng._decode(tokens[120:130], True)                                   # still decodes after the move
+        np.testing.assert_array_equal(capi.read_rows(eng.ctx, 0, 0), k_rows)
+        raw_decode(eng, tokens[120:130], True)                               # still decodes after the move
         assert capi.layer_state(eng.ctx, 0)[2] == 130
+
+
+@pytest.mark.parametrize("ctype", ["f16", "q8_0", "q4_0"])
+def test_compaction_on_the_backend_is_bit_exact(model_path, ctype):
+    """keep moves K and V rows byte for byte (no requantization), each head its own rows; only indices go up."""
+    with make_engine(model_path, policy="snapkv", budget=64, chunk=64, cache_type_k=ctype, cache_type_v=ctype,
+                     flash_attn=True) as eng:
+        capi.set_stats(eng.ctx, [capi.STAT_OBS, capi.STAT_VNORM], 16)
+        eng._stats_phase = "manual"
+        tokens = eng.model.tokenize(TEXT * 2)
+        raw_decode(eng, tokens[:64])
+        raw_decode(eng, tokens[64:100])
+        rng = np.random.default_rng(1)
+        layers = (0, 11, 23)
+        before = {i: (capi.read_rows(eng.ctx, i, 0), capi.read_rows(eng.ctx, i, 1),
+                      capi.get_stat(eng.ctx, i, capi.STAT_OBS, N_HEAD_KV, True),
+                      capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV)) for i in layers}
+        moved = capi.transfer_bytes(eng.ctx)
+        keeps = {}
+        for i in layers:
+            keeps[i] = np.stack([np.sort(rng.choice(100, size=37, replace=False)) for _ in range(N_HEAD_KV)])
+            capi.keep(eng.ctx, i, keeps[i])
+        # a second keep of one layer before the rows moved composes with the first
+        second = np.stack([np.sort(rng.choice(37, size=20, replace=False)) for _ in range(N_HEAD_KV)])
+        capi.keep(eng.ctx, 11, second)
+        keeps[11] = np.take_along_axis(keeps[11], second, 1)
+        for i in layers:
+            k0, v0, obs0, vn0 = before[i]
+            n = keeps[i].shape[1]
+            for rows0, which in ((k0, 0), (v0, 1)):
+                got = capi.read_rows(eng.ctx, i, which)
+                assert got.shape == (n, rows0.shape[1])
+                head = rows0.shape[1] // N_HEAD_KV
+                for h in range(N_HEAD_KV):
+                    np.testing.assert_array_equal(got[:, h * head:(h + 1) * head],
+                                                  rows0[keeps[i][h], h * head:(h + 1) * head])
+            np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_OBS, N_HEAD_KV, True),
+                                          np.take_along_axis(obs0, keeps[i], 1))
+            np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV),
+                                          np.take_along_axis(vn0, keeps[i], 1))
+        # host <-> backend traffic of the compaction: the int32 indices of each layer, nothing else
+        read_after = sum(2 * keeps[i].shape[1] * N_HEAD_KV * 4 for i in layers)   # the two statistics just read
+        indices = sum(keeps[i].size * 4 for i in layers)
+        assert capi.transfer_bytes(eng.ctx) - moved == indices + read_after
+        raw_decode(eng, tokens[100:110], True)   # decoding goes on over the moved rows
+
+
+def test_statistics_are_allocated_on_demand_per_kv_head(model_path):
+    with make_engine(model_path, policy="snapkv", budget=64, chunk=64) as eng:
+        assert capi.stats_bytes(eng.ctx) == 0
+        raw_decode(eng, eng.model.tokenize(TEXT)[:40])
+        slots = capi.layer_state(eng.ctx, 0)[1]
+        capi.set_stats(eng.ctx, [capi.STAT_OBS], 16)
+        assert capi.stats_bytes(eng.ctx) == N_LAYER * N_HEAD_KV * slots * 4     # one statistic, per KV head
+        capi.set_stats(eng.ctx, [capi.STAT_ACC], 16)                           # kept, not computed, while off
+        assert capi.stats_bytes(eng.ctx) == 2 * N_LAYER * N_HEAD_KV * slots * 4
+        with pytest.raises(LocalkvError, match="per KV head"):
+            capi.get_stat(eng.ctx, 0, capi.STAT_OBS, N_HEAD, sum_per_kv_head=False)
+        capi.set_stats(eng.ctx, [capi.STAT_OBS], 16, query_heads=True)        # per query head: started afresh
+        assert capi.stats_bytes(eng.ctx) == N_LAYER * N_HEAD * slots * 4
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "ahakv"])
+def test_decoding_reuses_the_graph_between_compressions(model_path, policy, monkeypatch):
+    """Writes go through index inputs, so llama.cpp reuses the decode graph between compressions (its own
+    n_reused counter), and a reused graph gives exactly what a rebuilt one gives."""
+    prompt = "Count from 1 to 300, separated by spaces."
+    with make_engine(model_path, policy=policy, budget=64, chunk=64, decode_interval=32) as eng:
+        r0 = eng.graphs_reused()
+        res = eng.generate(prompt, max_tokens=200, temperature=0, ignore_eos=True)
+        steps = res.generated_tokens - 1
+        assert res.compressions >= 3
+        assert eng.graphs_reused() - r0 >= 0.9 * steps
+    monkeypatch.setenv("LLAMA_GRAPH_REUSE_DISABLE", "1")   # read when a context is created
+    with make_engine(model_path, policy=policy, budget=64, chunk=64, decode_interval=32) as eng:
+        r0 = eng.graphs_reused()
+        again = eng.generate(prompt, max_tokens=200, temperature=0, ignore_eos=True)
+        assert eng.graphs_reused() == r0 and again.text == res.text
 
 
 def test_decoding_holds_the_budget(model_path):
@@ -256,21 +376,29 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         assert lib.llama_localkv_get_stat(ctx, 0, 0, False, None, 0) == -3
         assert lib.llama_localkv_clear_stat(ctx, 0) == -3
         assert lib.llama_localkv_stats_bytes(ctx) == -3
-        assert lib.llama_localkv_enable(None, None, 0, 64) == -1
+        assert lib.llama_localkv_transfer_bytes(ctx) == -3
+        assert lib.llama_localkv_read_rows(ctx, 0, 0, None, 0) == -3
+        assert lib.llama_localkv_resize(ctx, None, None, N_LAYER) == -3
+        assert lib.llama_localkv_enable(None, None, None, 0) == -1
         caps = (ctypes.c_uint32 * N_LAYER)(*[64] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, caps, N_LAYER - 1, 64) == -1   # wrong layer count
-        assert lib.llama_localkv_enable(ctx, None, N_LAYER, 64) == -1
-        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, 8) == -6        # headroom < n_ubatch
+        slots = (ctypes.c_uint32 * N_LAYER)(*[128] * N_LAYER)
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER - 1) == -1   # wrong layer count
+        assert lib.llama_localkv_enable(ctx, None, slots, N_LAYER) == -1
+        assert lib.llama_localkv_enable(ctx, caps, None, N_LAYER) == -1
         zero = (ctypes.c_uint32 * N_LAYER)(*[0] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, zero, N_LAYER, 64) == -6
+        assert lib.llama_localkv_enable(ctx, zero, slots, N_LAYER) == -6
+        assert lib.llama_localkv_enable(ctx, caps, zero, N_LAYER) == -6
         huge = (ctypes.c_uint32 * N_LAYER)(*[1 << 30] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, huge, N_LAYER, 64) == -6
+        assert lib.llama_localkv_enable(ctx, huge, slots, N_LAYER) == -6
+        assert lib.llama_localkv_enable(ctx, caps, huge, N_LAYER) == -6
         plain.generate("hi", max_tokens=1, temperature=0)
-        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, 64) == -3       # cache not empty
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == -3       # cache not empty
         assert b"empty" in lib.llama_localkv_last_error()
         plain.reset()
-        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, plain.n_batch) == 0
-        assert lib.llama_localkv_enable(ctx, caps, N_LAYER, plain.n_batch) == -3   # already on
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == 0
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == -3       # already on
+        assert lib.llama_localkv_stats_bytes(ctx) == 0                         # statistics only when asked for
+        assert lib.llama_localkv_get_stat(ctx, 0, 0, True, None, 0) == -3      # never switched on
 
         assert lib.llama_localkv_set_stats(ctx, 1 << 10, 32) == -1
         assert lib.llama_localkv_set_stats(ctx, 1, 0) == -1
@@ -280,6 +408,7 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         assert lib.llama_localkv_get_stat(ctx, 99, 0, False, None, 0) == -4
         assert lib.llama_localkv_clear_stat(ctx, -1) == -1
 
+        assert lib.llama_localkv_set_stats(ctx, 1 | capi.STATS_QUERY_HEADS, 32) == 0
         plain.n_past = 0
         plain._decode(plain.model.tokenize(TEXT)[:30], False)
         buf = (ctypes.c_float * 10)()

@@ -120,6 +120,7 @@ def test_read_valid(gguf_file):
     assert info.kv_bytes_per_token("q8_0") == 256 // 32 * 34
     assert info.kv_bytes_per_token("q4_0") == 256 // 32 * 18
     assert info.compressed_bytes(128) == 512 * (128 + gguf_info.HEADROOM)
+    assert info.compressed_bytes(128, tokens=10) == 512 * 64   # a short context: its tokens + 32, padded to 32
     with pytest.raises(LocalkvError, match="unknown KV cache type"):
         info.kv_bytes_per_token("q3_9")
 
@@ -657,8 +658,8 @@ def test_default_model_resolves():
 def test_gguf_shape_and_kv_estimates_match_llama_cpp():
     """What gguf reads agrees with the loaded model, and the KV figures with what llama.cpp allocates."""
     from localkv import capi
-    from localkv.engine import DEFAULT_CHUNK, DEFAULT_PREFILL_BUDGET, Engine
-    assert (gguf_info.HEADROOM, gguf_info.PREFILL_BUDGET) == (DEFAULT_CHUNK, DEFAULT_PREFILL_BUDGET)
+    from localkv.engine import DEFAULT_PREFILL_BUDGET, Engine, pad_slots
+    assert gguf_info.PREFILL_BUDGET == DEFAULT_PREFILL_BUDGET and pad_slots(33) == 64
     path = models.resolve(None, progress=False)
     info = models.info(None)
     with Engine(str(path), policy="snapkv", budget=64, threads=2) as eng:
@@ -666,7 +667,10 @@ def test_gguf_shape_and_kv_estimates_match_llama_cpp():
         assert (s.architecture, s.n_layer, s.n_head, s.n_head_kv, s.head_dim, s.n_ctx_train, s.n_embd) == (
             info.architecture, info.n_layer, info.n_head, info.n_head_kv, info.head_dim_k, info.context_length,
             info.n_embd)
-        eng.generate("Hello", max_tokens=2, temperature=0)
+        assert eng.decode_interval == gguf_info.HEADROOM
+        res = eng.generate("Hello", max_tokens=2, temperature=0)
+        assert capi.memory_bytes(eng.ctx) == info.compressed_bytes(64, tokens=res.prompt_tokens)
+        eng.generate("Hello " * 200, max_tokens=2, temperature=0)
         assert capi.memory_bytes(eng.ctx) == info.compressed_bytes(64)
         assert eng.full_bytes(1000, "q8_0") == info.full_bytes(1000, "q8_0")
     with Engine(str(path), ctx=1024, threads=2) as eng:
@@ -692,7 +696,7 @@ def test_models_info_json_for_a_file(gguf_file):
     assert [r["tokens"] for r in d["contexts"]] == [4096, 16384, 32768]
     r4k = d["contexts"][0]
     assert (r4k["full_f16"], r4k["full_q8_0"], r4k["full_q4_0"]) == (512 * 4096, 272 * 4096, 144 * 4096)
-    assert r4k["compressed_f16"] == 512 * (128 + 256) and r4k["saved_f16"] == r4k["full_f16"] - r4k["compressed_f16"]
+    assert r4k["compressed_f16"] == 512 * (128 + 32) and r4k["saved_f16"] == r4k["full_f16"] - r4k["compressed_f16"]
     assert not r4k["beyond_trained_context"] and d["contexts"][1]["beyond_trained_context"]  # trained on 4096
 
 
@@ -729,4 +733,4 @@ def test_models_info_default_model():
     assert rc == 0, err
     d = json.loads(out)
     assert d["architecture"] == "qwen2" and d["kv_bytes_per_token"]["f16"] == 24 * 2 * 64 * 2 * 2
-    assert d["contexts"][0]["compressed_f16"] == 12288 * 512  # budget 256 + 256 headroom: 6 MiB, as README says
+    assert d["contexts"][0]["compressed_f16"] == 12288 * 288  # budget 256 + 32 (decode interval): 3.4 MiB, as README says

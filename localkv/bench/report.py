@@ -26,14 +26,15 @@ def emit(head: list[str], rows: list[list[str]], console, markdown: bool, title:
 
 def speed_table(records: list[dict], console, markdown: bool = False) -> None:
     head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
-            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s"]
+            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s", "compress MB moved"]
     rows = []
     for r in records:
         c, x = r["config"], r["result"]
         rows.append([str(c["length"]), label(c), str(c["budget"] or "-"), f"{x['prefill_tokens_per_s']:.0f}",
                      f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
                      _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
-                     f"{x['compress_s_total']:.2f}"])
+                     f"{x['compress_s_total']:.2f}",
+                     f"{x['compress_bytes'] / 1e6:.2f}" if "compress_bytes" in x else "-"])
     emit(head, rows, console, markdown, "speed and memory")
 
 

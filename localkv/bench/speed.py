@@ -44,6 +44,7 @@ def measure(cfg: dict) -> dict:
     compress_prefill = eng.compress_seconds
     sampler = Sampler(0.0, 0)
     kept_max = eng.kv_tokens_kept()
+    reused = eng.graphs_reused()
     t1 = time.perf_counter()
     for _ in range(cfg["decode"]):
         tok = sampler.sample(eng.ctx)
@@ -51,6 +52,7 @@ def measure(cfg: dict) -> dict:
         if cfg.get("track_kept"):
             kept_max = max(kept_max, eng.kv_tokens_kept())
     t_decode = time.perf_counter() - t1
+    reused = eng.graphs_reused() - reused
     sampler.close()
     out = {
         "prefill_tokens_per_s": len(prompt) / t_prefill,
@@ -59,6 +61,9 @@ def measure(cfg: dict) -> dict:
         "compress_s_prefill": compress_prefill,
         "compress_s_total": eng.compress_seconds,
         "compressions": eng.compressions,
+        "compress_bytes": eng.compress_bytes(),      # host <-> backend bytes moved by compression
+        "reallocations": eng.reallocations,          # resizes of the compressed cache (grow / shrink)
+        "decode_graph_reuse": reused / cfg["decode"] if cfg["decode"] else 0.0,  # llama.cpp's n_reused per step
         "kv_bytes_allocated": capi.memory_bytes(eng.ctx),
         "kv_bytes_full_f16": eng.full_bytes(eng.n_past, "f16"),
         "kv_stats_bytes": capi.stats_bytes(eng.ctx) if eng.compressing else 0,

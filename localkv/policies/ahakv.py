@@ -33,7 +33,10 @@ class AhaKV(Policy):
     value_prior: bool = True
 
     def needs(self, phase):
-        return {capi.STAT_OBS_ADAPTIVE} if phase == PREFILL else {capi.STAT_ACC_ADAPTIVE}
+        # the value prior's norms are recorded as tokens are written: asked for in both phases, so every kept
+        # token has one
+        vnorm = {capi.STAT_VNORM} if self.value_prior else set()
+        return vnorm | ({capi.STAT_OBS_ADAPTIVE} if phase == PREFILL else {capi.STAT_ACC_ADAPTIVE})
 
     def obs_window(self, phase):
         return self.r
