@@ -37,6 +37,8 @@ CtxOpt = typer.Option(None, "--ctx", "-c", help="context size in tokens (full ca
 CacheKOpt = typer.Option("f16", "--cache-type-k", "-ctk", help="K cache type: f16, q8_0, q4_0 (llama.cpp's)")
 CacheVOpt = typer.Option("f16", "--cache-type-v", "-ctv", help="V cache type: f16, q8_0, q4_0 (llama.cpp's)")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]")
+GpuLayersOpt = typer.Option(-1, "--gpu-layers", "-ngl",
+                            help="layers offloaded to the GPU when a GPU backend was built (-1: all, 0: none)")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -69,11 +71,11 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show llam
     _VERBOSE = verbose
 
 
-def _engine(model, policy, budget, policy_arg, ctx, ctk, ctv, threads, **kw):
+def _engine(model, policy, budget, policy_arg, ctx, ctk, ctv, threads, gpu_layers=-1, **kw):
     from .engine import Engine
     from .policies import parse_args
     return Engine(model, policy=policy, budget=budget, policy_args=parse_args(policy_arg), ctx=ctx,
-                  cache_type_k=ctk, cache_type_v=ctv, threads=threads, verbose=_VERBOSE, **kw)
+                  cache_type_k=ctk, cache_type_v=ctv, threads=threads, verbose=_VERBOSE, gpu_layers=gpu_layers, **kw)
 
 
 def _prefill_kw(prefill_budget):
@@ -121,12 +123,13 @@ def generate(
     cache_type_k: str = CacheKOpt,
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
+    gpu_layers: int = GpuLayersOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with the text and measurements"),
 ):
     """Generate a reply to PROMPT with the model's chat template, streaming it to stdout."""
     def body():
         text = _read_prompt(prompt, prompt_file)
-        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads,
+        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads, gpu_layers,
                      **_prefill_kw(prefill_budget)) as eng:
             stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
             res = eng.generate(text, max_tokens=max_tokens, temperature=temperature, seed=seed,
@@ -153,12 +156,13 @@ def chat(
     cache_type_k: str = CacheKOpt,
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
+    gpu_layers: int = GpuLayersOpt,
 ):
     """Interactive chat with streaming replies (also reads turns from a pipe). /help lists commands."""
     from .chat import ChatSession
     run_guarded(lambda: ChatSession(
         lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
-                             cache_type_k, cache_type_v, threads, **_prefill_kw(prefill_budget)),
+                             cache_type_k, cache_type_v, threads, gpu_layers, **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
         policy=policy, budget=budget, out=out, err=err).run())
 
@@ -179,6 +183,7 @@ def serve(
     cache_type_k: str = CacheKOpt,
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
+    gpu_layers: int = GpuLayersOpt,
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with compressed caches."""
     def body():
@@ -188,7 +193,7 @@ def serve(
         server = srv.Server(model, policy=policy, budget=budget, policy_args=parse_args(policy_arg),
                             prefill_budget=prefill_budget, ctx=ctx, cache_type_k=cache_type_k,
                             cache_type_v=cache_type_v, threads=threads, pool_size=pool, max_tokens=max_tokens,
-                            verbose=_VERBOSE)
+                            verbose=_VERBOSE, gpu_layers=gpu_layers)
 
         def ready(url: str) -> None:
             b = server.default_key.budget
@@ -210,6 +215,7 @@ def memory(
     cache_type_v: str = CacheVOpt,
     compare: bool = typer.Option(False, "--compare", help="every policy side by side at the same budget and context"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: bytes per layer, K/V stacked, vs full"),
+    gpu_layers: int = GpuLayersOpt,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ):
     """Create a real context and report the KV memory llama.cpp allocated, per layer, against full caches."""
@@ -218,13 +224,13 @@ def memory(
         from .engine import DEFAULT_CTX
         from .policies import available
         tokens = ctx or DEFAULT_CTX
-        kw = dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v, verbose=_VERBOSE)
+        kw = dict(cache_type_k=cache_type_k, cache_type_v=cache_type_v, verbose=_VERBOSE, gpu_layers=gpu_layers)
         if compare:
             b = budget or 256
             names = list(available())
             reports = mem.collect(model, names, b, tokens, **kw)
         else:
-            with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, None) as eng:
+            with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, None, gpu_layers) as eng:
                 reports = [eng.memory_report(tokens=tokens)]
             if policy != "full":  # the plot and JSON show the full cache next to it
                 reports += mem.collect(model, ["full"], None, tokens, **kw)
@@ -365,6 +371,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality, memory 
 app.add_typer(bench_app, name="bench")
 
 
+def _gpu_kw(gpu_layers: int) -> dict:
+    """--gpu-layers in a bench config: only when not the default, so earlier results still resume."""
+    if gpu_layers < -1:
+        raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
+    return {} if gpu_layers == -1 else {"gpu_layers": gpu_layers}
+
+
 def _csv(text: str, cast=str) -> list:
     try:
         return [cast(x.strip()) for x in text.split(",") if x.strip()]
@@ -382,6 +395,7 @@ def bench_speed(
     prefill_budget: Optional[int] = PrefillOpt,
     chunk: int = typer.Option(256, "--chunk", help="prefill chunk in tokens (the cache grows a chunk at a time while a prompt goes in)"),
     cache_type: str = typer.Option("f16", "--cache-type", help="K and V cache type"),
+    gpu_layers: int = GpuLayersOpt,
     out_dir: Path = typer.Option(Path("bench-results"), "--out", help="results directory (JSON lines, resumable)"),
     markdown: bool = typer.Option(False, "--markdown", help="print the table as Markdown"),
 ):
@@ -389,7 +403,8 @@ def bench_speed(
     def body():
         from .bench.common import grid, run_grid
         from .bench.report import speed_table
-        base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
+        base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
+                **_gpu_kw(gpu_layers)}
         configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
         speed_table(recs, out, markdown=markdown)
@@ -447,6 +462,7 @@ def bench_quality(
                                 help="also run the full cache with these llama.cpp KV types ('' for none)"),
     kvpress: str = typer.Option("", "--kvpress", help="also run NVIDIA kvpress's presses for these of our policies "
                                 "(full, streamingllm, snapkv, h2o, pyramidkv) on transformers; needs .[kvpress]"),
+    gpu_layers: int = GpuLayersOpt,
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),
 ):
@@ -485,7 +501,7 @@ def bench_quality(
         configs = quality_configs(
             names, task_names, _csv(settings), _csv(lengths, int), _csv(budgets, int),
             {"bench": "quality", "model": model, "samples": samples, "seed": seed, "chunk": chunk, "ctk": cache_type,
-             "ctv": cache_type}, pargs, prefill_budget, kv_anchors, _csv(kvpress))
+             "ctv": cache_type, **_gpu_kw(gpu_layers)}, pargs, prefill_budget, kv_anchors, _csv(kvpress))
         recs = run_grid("quality", configs, out_dir / "quality.jsonl", progress=sys.stderr.isatty(), label="quality")
         quality_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -503,6 +519,7 @@ def bench_kl(
     cache_type: str = typer.Option("f16", "--cache-type"),
     anchors: str = typer.Option("q8_0,q4_0", "--anchors",
                                 help="also measure the full cache with these llama.cpp KV types ('' for none)"),
+    gpu_layers: int = GpuLayersOpt,
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),
 ):
@@ -511,7 +528,7 @@ def bench_kl(
         from .bench.common import anchor_configs, grid, run_grid
         from .bench.report import kl_table
         base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
-                "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref")}
+                "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref"), **_gpu_kw(gpu_layers)}
         kv_anchors = _anchor_types(cache_type, anchors)
         configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
         configs += anchor_configs(base, kv_anchors, _csv(lengths, int))
@@ -529,6 +546,7 @@ def bench_memory(
     prefill_budget: Optional[int] = PrefillOpt,
     chunk: int = typer.Option(256, "--chunk"),
     cache_type: str = typer.Option("f16", "--cache-type"),
+    gpu_layers: int = GpuLayersOpt,
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),
 ):
@@ -536,7 +554,8 @@ def bench_memory(
     def body():
         from .bench.common import grid, run_grid
         from .bench.report import speed_table
-        base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type}
+        base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
+                **_gpu_kw(gpu_layers)}
         configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
         recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
         speed_table(recs, out, markdown=markdown)

@@ -118,9 +118,11 @@ class Engine:
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
                  verbose: bool = False, progress: bool | None = None, eval_callback=None,
-                 shared_model: Model | None = None):
+                 shared_model: Model | None = None, gpu_layers: int = -1):
         """`shared_model`: a loaded Model to run on instead of loading `model` again (several contexts on one
-        model, as the server's conversation pool does); the caller keeps it open and closes it."""
+        model, as the server's conversation pool does); the caller keeps it open and closes it.
+        `gpu_layers`: layers offloaded to a GPU backend when one was built (llama.cpp's convention: -1 all,
+        0 none); their K/V caches, compressed ones included, live on the GPU with them."""
         init_backend(verbose)
         self.policy = policies.create(policy, policy_args)
         self.budget = budget
@@ -130,6 +132,8 @@ class Engine:
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         if self.chunk < 1:
             raise LocalkvError(f"chunk must be at least 1, got {chunk}")
+        if gpu_layers < -1:
+            raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
         if ctx is not None and ctx < 16:
             raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
 
@@ -137,7 +141,7 @@ class Engine:
             self.model_path, self.model, self._owns_model = shared_model.path, shared_model, False
         else:
             self.model_path = str(models.resolve(model, progress=progress))
-            self.model, self._owns_model = Model(self.model_path), True
+            self.model, self._owns_model = Model(self.model_path, n_gpu_layers=gpu_layers), True
         shape = self.model.shape
         self.shape = shape
 

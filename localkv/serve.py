@@ -369,7 +369,7 @@ class Server:
                  policy_args: dict[str, str] | None = None, prefill_budget: int | None = None,
                  ctx: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  threads: int | None = None, pool_size: int = DEFAULT_POOL,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, verbose: bool = False):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, verbose: bool = False, gpu_layers: int = -1):
         from . import models
         self.model_path = str(models.resolve(model))
         registry = {e["name"] for e in models.load_registry()}
@@ -381,6 +381,9 @@ class Server:
                               verbose=verbose)
         if max_tokens < 1:
             raise LocalkvError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if gpu_layers < -1:
+            raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
+        self.gpu_layers = gpu_layers
         self.max_tokens = max_tokens
         # checked when warm() creates its engine, with the command line's wording
         self.default_key = CacheKey(policy, budget, tuple(sorted((policy_args or {}).items())),
@@ -407,7 +410,7 @@ class Server:
             kw["prefill_budget"] = key.prefill_budget
         if self._model is None:  # one loaded model for every cache of the pool (each is only a context)
             init_backend(self.engine_kw["verbose"])
-            self._model = Model(self.model_path)
+            self._model = Model(self.model_path, n_gpu_layers=self.gpu_layers)
         return Engine(self.model_path, policy=key.policy, budget=key.budget, policy_args=dict(key.policy_args),
                       shared_model=self._model, **kw)
 

@@ -165,3 +165,17 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
                           "kvpress has no press for 'ahakv'")
     assert_one_line_error(*run("bench", "kl", "--policies", "snapkv,nope", "--out", fresh), "unknown policy 'nope'")
     assert not (tmp_path / "untouched").exists()
+
+
+def test_gpu_layers_option():
+    """--gpu-layers on every command that loads a model: a bad count is one line; 0 (none) runs on the CPU."""
+    assert_one_line_error(*run("generate", "hi", "--gpu-layers", "-3"), "--gpu-layers")
+    assert_one_line_error(*run("memory", "--gpu-layers", "-2"), "--gpu-layers")
+    assert_one_line_error(*run("bench", "speed", "--gpu-layers", "-2", "--lengths", "64"), "--gpu-layers")
+    for cmd in ("generate", "chat", "serve", "memory"):
+        rc, out, _err = run(cmd, "--help")
+        assert rc == 0 and "--gpu-layers" in out
+    rc, out, err = run("generate", "What is 2+2? Answer with a number.", "--gpu-layers", "0", "--policy", "snapkv",
+                       "--budget", "64", "--max-tokens", "8", "--temperature", "0", "--json")
+    assert rc == 0, err
+    assert "4" in json.loads(out)["text"]

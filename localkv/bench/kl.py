@@ -47,7 +47,7 @@ def run(cfg: dict) -> dict:
         return Engine(cfg.get("model"), policy=policy, budget=budget,
                       prefill_budget=cfg.get("prefill_budget") if policy != "full" else None,
                       ctx=length + n_eval + 64 if policy == "full" else None, chunk=cfg.get("chunk", 256),
-                      cache_type_k=ctk, cache_type_v=ctv)
+                      cache_type_k=ctk, cache_type_v=ctv, gpu_layers=cfg.get("gpu_layers", -1))
 
     with engine("full", None) as probe:
         tokens = probe.model.tokenize(corpus())

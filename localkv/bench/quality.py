@@ -59,7 +59,7 @@ def run(cfg: dict) -> dict:
     eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), policy_args=cfg.get("policy_args"),
                  prefill_budget=cfg.get("prefill_budget"),
                  ctx=cfg["length"] + 512 if policy == "full" else None, chunk=cfg.get("chunk", 256),
-                 cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"))
+                 cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"), gpu_layers=cfg.get("gpu_layers", -1))
     results = []
     t0 = time.time()
     for i, depth in enumerate(depths_for(cfg["samples"])):

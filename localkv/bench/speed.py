@@ -36,7 +36,7 @@ def measure(cfg: dict) -> dict:
     eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), prefill_budget=cfg.get("prefill_budget"),
                  ctx=cfg["length"] + cfg["decode"] + 64 if policy == "full" else None,
                  chunk=cfg.get("chunk", 256), cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"),
-                 threads=cfg.get("threads"))
+                 threads=cfg.get("threads"), gpu_layers=cfg.get("gpu_layers", -1))
     prompt = filler_tokens(eng.model, cfg["length"])
     t0 = time.perf_counter()
     eng.feed(prompt)
