@@ -193,6 +193,9 @@ class Engine:
             n = len(self.kv_layers)
             self.capacities = self.policy.capacities(budget, n)
             self.prefill_capacities = self.policy.capacities(self.prefill_budget, n)
+            # what a layer may hold while a prompt goes in: the prefill budget at least (a prompt that fits it
+            # is compressed once, after all of it was read, even in a layer whose share is smaller), plus a chunk
+            self._prefill_limits = [max(p, self.prefill_budget) + self.chunk for p in self.prefill_capacities]
             try:
                 # C's capacity is the budget (AhaKV's k); the slots start at one decode interval and grow as tokens
                 # come (see _make_room), so a short chat never holds more than a full cache would
@@ -265,8 +268,8 @@ class Engine:
         """Whether, after n more prompt tokens, the next n_next would need a compression first (_make_room's
         rule: the slots cannot grow past the prefill working set plus one chunk)."""
         states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-        return any(used + n + n_next > pad_slots(p + self.chunk)
-                   for p, (_cap, _alloc, used) in zip(self.prefill_capacities, states))
+        return any(used + n + n_next > pad_slots(limit)
+                   for limit, (_cap, _alloc, used) in zip(self._prefill_limits, states))
 
     def layer_view(self, i: int, phase: str) -> LayerView:
         cap, _alloc, _used = capi.layer_state(self.ctx, i)
@@ -287,7 +290,7 @@ class Engine:
         """KV bytes a compressed cache holds while a prompt of `tokens` tokens goes in (its largest size)."""
         if not self.compressing:
             return capi.memory_bytes(self.ctx)
-        return int(sum(b * pad_slots(min(p, tokens) + self.chunk) for b, p in zip(self._slot_bytes, self.prefill_capacities)))
+        return int(sum(b * pad_slots(min(limit, tokens + self.chunk)) for b, limit in zip(self._slot_bytes, self._prefill_limits)))
 
     def _make_room(self, n: int, phase: str, targets: list[int] | None = None) -> None:
         """Room for n more tokens in every layer: grow the slots while under the phase's limit, else compress.
@@ -299,9 +302,8 @@ class Engine:
         states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
         if all(used + n <= alloc for _cap, alloc, used in states):
             return
-        caps = self.prefill_capacities if phase == PREFILL else self.capacities
-        extra = self.chunk if phase == PREFILL else self.decode_interval
-        want = [max(alloc, min(c + extra, used + n + self.chunk)) for c, (_cap, alloc, used) in zip(caps, states)]
+        limits = self._prefill_limits if phase == PREFILL else [c + self.decode_interval for c in self.capacities]
+        want = [max(alloc, min(limit, used + n + self.chunk)) for limit, (_cap, alloc, used) in zip(limits, states)]
         self._resize(want, states)
         self.compress(phase, room=n, targets=targets)
 

@@ -351,6 +351,19 @@ def test_decoding_reuses_the_graph_between_compressions(model_path, policy, monk
         assert eng.graphs_reused() == r0 and again.text == res.text
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv"])
+def test_a_prompt_within_the_prefill_budget_is_compressed_once(model_path, policy):
+    """Every layer may hold the prefill budget while a prompt goes in, even one whose PyramidKV share is
+    smaller: a prompt that fits is compressed once, after its question was read (the bench caught a layer
+    limited to its share compressing mid-prompt and losing a needle)."""
+    with make_engine(model_path, policy=policy, budget=64, prefill_budget=256, chunk=64) as eng:
+        tokens = eng.model.tokenize(TEXT * 2)[:250]
+        assert len(tokens) == 250
+        eng.feed(tokens)
+        assert eng.compressions == 1
+        assert eng.kv_bytes_peak <= N_LAYER * (256 + 64) * N_HEAD_KV * D * 2 * 2
+
+
 def test_decoding_holds_the_budget(model_path):
     with make_engine(model_path, policy="streamingllm", budget=64, chunk=64, decode_interval=16) as eng:
         seen = []
