@@ -148,7 +148,7 @@ def render(results: Path, machine: str) -> str:
             parts += ["### Against NVIDIA kvpress", "",
                       "The same prompts and budgets through kvpress's matching press on transformers (the same GGUF, "
                       "dequantized to float32 on the CPU); KV MiB is what each cache holds after the prompt "
-                      "(ours: f16 with one chunk of headroom; kvpress: float32):", "",
+                      "(ours: f16, what llama.cpp allocated, from the result files; kvpress: float32):", "",
                       _markdown(kvpress_table, quality), ""]
     kl = _records(results / "kl.jsonl")
     if kl:
