@@ -404,7 +404,6 @@ class Engine:
             raise LocalkvError(
                 f"the prompt needs {self.n_past + len(tokens)} tokens but the context holds {self.n_ctx}: "
                 f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
-        self._set_phase(PREFILL)
         chunks = self._chunks(tokens)
         for j, chunk in enumerate(chunks):
             if self.compressing:

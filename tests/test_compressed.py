@@ -364,6 +364,34 @@ def test_a_prompt_within_the_prefill_budget_is_compressed_once(model_path, polic
         assert eng.kv_bytes_peak <= N_LAYER * (256 + 64) * N_HEAD_KV * D * 2 * 2
 
 
+def test_every_prompt_compression_reads_the_window_of_the_chunk_before_it(model_path):
+    """The observation window is computed only for chunks a compression follows: the engine predicts which,
+    and a wrong guess would rank tokens by a stale window. Every compression must come right after a
+    chunk decoded with the window on, and most chunks of a long prompt must skip it."""
+    with make_engine(model_path, policy="snapkv", budget=64, prefill_budget=128, chunk=64) as eng:
+        events = []
+        decode, compress = eng._decode, eng.compress
+
+        def watched_decode(tokens, *a, **kw):
+            events.append(("decode", eng._stats_phase))
+            return decode(tokens, *a, **kw)
+
+        def watched_compress(phase, room=0, targets=None):
+            did = compress(phase, room, targets)
+            if did:
+                events.append(("compress", phase))
+            return did
+        eng._decode, eng.compress = watched_decode, watched_compress
+        eng.feed(eng.model.tokenize(TEXT * 4)[:700])
+        compressions = [i for i, e in enumerate(events) if e[0] == "compress"]
+        assert len(compressions) >= 5
+        for i in compressions:
+            last_decode = next(e for e in reversed(events[:i]) if e[0] == "decode")
+            assert last_decode[1] == ("prefill", True), events
+        decodes = [e for e in events if e[0] == "decode"]
+        assert sum(e[1] == ("prefill", False) for e in decodes) >= 1   # the window is skipped where nothing follows
+
+
 def test_decoding_holds_the_budget(model_path):
     with make_engine(model_path, policy="streamingllm", budget=64, chunk=64, decode_interval=16) as eng:
         seen = []
