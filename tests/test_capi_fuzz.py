@@ -75,8 +75,12 @@ def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, 
     assert rc in CODES or rc > 0
     assert lib.llama_localkv_transfer_bytes(ctx) >= 0
     # resize with hostile sizes: refused with a code, or done keeping every token
-    sizes = (ctypes.c_uint32 * N_LAYER)(*[(abs(x) % 300) if i % 7 else x & 0xFFFFFFFF
-                                          for i, x in enumerate((slots * N_LAYER)[:N_LAYER] or [0] * N_LAYER)])
+    # hostile sizes are 0 or past the C limit (2^24 slots, refused); the valid ones stay small, since a valid
+    # size just under the limit is a real multi-GB allocation and would exhaust the machine, not test a check
+    def size(i, x):
+        return abs(x) % 300 if i % 7 else (0, (1 << 24) + 1 + abs(x) % 1000, 0xFFFFFFFF)[abs(x) % 3]
+    sizes = (ctypes.c_uint32 * N_LAYER)(*[size(i, x) for i, x in
+                                          enumerate((slots * N_LAYER)[:N_LAYER] or [0] * N_LAYER)])
     used = [capi.layer_state(ctx, i)[2] for i in range(N_LAYER)]
     rc = lib.llama_localkv_resize(ctx, None if null else sizes, sizes, N_LAYER if n_out % 3 else n_out)
     assert rc in CODES
