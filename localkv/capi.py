@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -63,17 +63,18 @@ _SIGNATURES = {
     "llama_localkv_memory_bytes": (c_int64, [c_void_p]),
     "llama_localkv_compute_bytes": (c_int64, [c_void_p]),
     "llama_localkv_n_kv_layers": (c_int32, [c_void_p]),
-    "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_size_t), POINTER(c_size_t)]),
+    "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_int32), POINTER(c_size_t),
+                                              POINTER(c_size_t)]),
     "llama_localkv_last_error": (c_char_p, []),
     "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
     "llama_localkv_resize": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
     "llama_localkv_enabled": (c_int32, [c_void_p]),
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
-    "llama_localkv_layer_state": (c_int32, [c_void_p, c_int32, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32)]),
+    "llama_localkv_cache_state": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32), c_size_t]),
     "llama_localkv_get_positions": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_size_t]),
     "llama_localkv_get_stat": (c_int32, [c_void_p, c_int32, c_int32, c_bool, POINTER(c_float), c_size_t]),
-    "llama_localkv_keep": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_int32]),
+    "llama_localkv_keep": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_int32)]),
     "llama_localkv_stats_bytes": (c_int64, [c_void_p]),
     "llama_localkv_transfer_bytes": (c_int64, [c_void_p]),
     "llama_localkv_read_rows": (c_int32, [c_void_p, c_int32, c_int32, c_void_p, c_size_t]),
@@ -109,14 +110,24 @@ def compute_bytes(ctx) -> int:
 
 def kv_layers(ctx) -> list[tuple[int, int, int]]:
     """(model layer, K bytes, V bytes) of every cached layer, as llama.cpp allocated them."""
+    return [(il, kb, vb) for il, _h, kb, vb in _layer_info(ctx)]
+
+
+def kv_heads(ctx) -> list[int]:
+    """KV heads of every cached layer (the per-head arrays below list them layer after layer)."""
+    return [h for _il, h, _kb, _vb in _layer_info(ctx)]
+
+
+def _layer_info(ctx) -> list[tuple[int, int, int, int]]:
     n = lib.llama_localkv_n_kv_layers(ctx)
     if n < 0:
         return []
     out = []
-    il, kb, vb = c_int32(), c_size_t(), c_size_t()
+    il, nh, kb, vb = c_int32(), c_int32(), c_size_t(), c_size_t()
     for i in range(n):
-        _check("kv_layer_info", lib.llama_localkv_kv_layer_info(ctx, i, ctypes.byref(il), ctypes.byref(kb), ctypes.byref(vb)))
-        out.append((il.value, kb.value, vb.value))
+        _check("kv_layer_info", lib.llama_localkv_kv_layer_info(
+            ctx, i, ctypes.byref(il), ctypes.byref(nh), ctypes.byref(kb), ctypes.byref(vb)))
+        out.append((il.value, nh.value, kb.value, vb.value))
     return out
 
 
@@ -125,14 +136,15 @@ def _u32(values):
 
 
 def enable(ctx, capacities, slots) -> None:
-    """Compressed storage: capacities[i] tokens per KV head kept by a compression, slots[i] allocated now."""
+    """Compressed storage: per (layer, KV head), layer after layer, capacities[k] tokens kept by a compression
+    and slots[k] allocated now."""
     if len(slots) != len(capacities):
         raise LocalkvError(f"enable: {len(capacities)} capacities but {len(slots)} slot counts")
     _check("enable", lib.llama_localkv_enable(ctx, _u32(capacities), _u32(slots), len(capacities)))
 
 
 def resize(ctx, capacities, slots) -> None:
-    """New capacities and slot counts per layer, keeping the tokens held (reallocates, backend to backend)."""
+    """New capacities and slot counts per (layer, KV head), keeping the tokens held (reallocates, backend to backend)."""
     if len(slots) != len(capacities):
         raise LocalkvError(f"resize: {len(capacities)} capacities but {len(slots)} slot counts")
     _check("resize", lib.llama_localkv_resize(ctx, _u32(capacities), _u32(slots), len(capacities)))
@@ -154,39 +166,73 @@ def clear_stat(ctx, stat: int) -> None:
     _check("clear_stat", lib.llama_localkv_clear_stat(ctx, stat))
 
 
+def cache_state(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(capacity, allocated slots, slots in use) of every (layer, KV head), layer after layer: one call."""
+    n = _check("cache_state", lib.llama_localkv_cache_state(ctx, None, None, None, 0))
+    cap, alloc, used = (np.empty(n, dtype=np.uint32) for _ in range(3))
+    _check("cache_state", lib.llama_localkv_cache_state(
+        ctx, *(a.ctypes.data_as(POINTER(c_uint32)) for a in (cap, alloc, used)), n))
+    return cap.astype(np.int64), alloc.astype(np.int64), used.astype(np.int64)
+
+
+def head_state(ctx, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(capacity, allocated slots, slots in use) of each KV head of the i-th cached layer."""
+    heads = kv_heads(ctx)
+    if not 0 <= i < len(heads):
+        raise CapiError("head_state", -4)
+    first = sum(heads[:i])
+    return tuple(a[first:first + heads[i]] for a in cache_state(ctx))
+
+
 def layer_state(ctx, i: int) -> tuple[int, int, int]:
-    """(capacity, allocated slots, slots in use) of the i-th cached layer."""
-    cap, alloc, used = c_uint32(), c_uint32(), c_uint32()
-    _check("layer_state", lib.llama_localkv_layer_state(ctx, i, ctypes.byref(cap), ctypes.byref(alloc), ctypes.byref(used)))
-    return cap.value, alloc.value, used.value
+    """(capacity, allocated slots, slots in use) of the i-th cached layer's largest KV head."""
+    return tuple(int(a.max()) for a in head_state(ctx, i))
 
 
-def positions(ctx, i: int, n_head_kv: int) -> np.ndarray:
-    """[n_head_kv, n_used] token positions held by the i-th layer's slots."""
-    n_used = layer_state(ctx, i)[2]
-    buf = np.empty((n_head_kv, n_used), dtype=np.int32)
+def _ragged(flat: np.ndarray, counts, fill) -> np.ndarray:
+    """[len(counts), max(counts)] rows of `flat` cut by counts, padded with `fill`."""
+    counts = [int(c) for c in counts]
+    out = np.full((len(counts), max(counts, default=0)), fill, dtype=flat.dtype)
+    at = 0
+    for h, c in enumerate(counts):
+        out[h, :c] = flat[at:at + c]
+        at += c
+    return out
+
+
+def positions(ctx, i: int, n_head_kv: int | None = None) -> np.ndarray:
+    """[n_head_kv, n_used] token positions held by the i-th layer's slots (-1 past a head's own count when its
+    heads hold different numbers)."""
+    used = head_state(ctx, i)[2]
+    buf = np.empty(int(used.sum()), dtype=np.int32)
     got = _check("get_positions", lib.llama_localkv_get_positions(
         ctx, i, buf.ctypes.data_as(POINTER(c_int32)), buf.size))
-    assert got == n_used
-    return buf
+    assert got == buf.size
+    return _ragged(buf, used, -1)
 
 
 def get_stat(ctx, i: int, stat: int, n_heads: int, sum_per_kv_head: bool = False) -> np.ndarray:
-    """[n_heads, n_used] float32 statistic of the i-th layer (n_heads: query or KV heads, as requested)."""
-    n_used = layer_state(ctx, i)[2]
-    buf = np.empty((n_heads, n_used), dtype=np.float32)
+    """[n_heads, n_used] float32 statistic of the i-th layer (n_heads: query or KV heads, as requested; 0 past
+    a head's own count)."""
+    used = head_state(ctx, i)[2]
+    rows = np.repeat(used, n_heads // len(used))
+    buf = np.empty(int(rows.sum()), dtype=np.float32)
     got = _check("get_stat", lib.llama_localkv_get_stat(
         ctx, i, stat, sum_per_kv_head, buf.ctypes.data_as(POINTER(c_float)), buf.size))
-    assert got == n_used
-    return buf
+    assert got == buf.size
+    return _ragged(buf, rows, 0.0)
 
 
-def keep(ctx, i: int, slots: np.ndarray) -> None:
-    """Keep slots[h, :] in KV head h of the i-th layer; free the rest."""
-    slots = np.ascontiguousarray(slots, dtype=np.int32)
-    if slots.ndim != 2:
-        raise LocalkvError("keep: slots must be a [n_head_kv, n_keep] array")
-    _check("keep", lib.llama_localkv_keep(ctx, i, slots.ctypes.data_as(POINTER(c_int32)), slots.shape[1]))
+def keep(ctx, i: int, slots) -> None:
+    """Keep slots[h] in KV head h of the i-th layer (a [n_head_kv, n_keep] array, or one array per head when
+    the heads keep different counts); free the rest."""
+    rows = [np.asarray(s, dtype=np.int32).reshape(-1) for s in slots]
+    if isinstance(slots, np.ndarray) and slots.ndim != 2:
+        raise LocalkvError("keep: slots must be a [n_head_kv, n_keep] array or one array per KV head")
+    counts = np.array([len(r) for r in rows], dtype=np.int32)
+    flat = np.ascontiguousarray(np.concatenate(rows) if rows else np.empty(0, dtype=np.int32), dtype=np.int32)
+    _check("keep", lib.llama_localkv_keep(ctx, i, flat.ctypes.data_as(POINTER(c_int32)),
+                                          counts.ctypes.data_as(POINTER(c_int32))))
 
 
 def stats_bytes(ctx) -> int:
@@ -199,9 +245,10 @@ def transfer_bytes(ctx) -> int:
 
 
 def read_rows(ctx, i: int, which: int) -> np.ndarray:
-    """[n_used, row bytes] uint8: the raw K (which=0) or V (1) rows of the i-th layer's slots in use."""
+    """[rows, row bytes] uint8: the raw K (which=0) or V (1) rows of the i-th layer's slots in use, one row per
+    (KV head, slot), head after head."""
     row = _check("read_rows", lib.llama_localkv_read_rows(ctx, i, which, None, 0))
-    n_used = layer_state(ctx, i)[2]
-    buf = np.empty((n_used, row), dtype=np.uint8)
+    n = int(head_state(ctx, i)[2].sum())
+    buf = np.empty((n, row), dtype=np.uint8)
     _check("read_rows", lib.llama_localkv_read_rows(ctx, i, which, buf.ctypes.data_as(c_void_p), buf.size))
     return buf

@@ -83,8 +83,10 @@ class LayerMemory:
     layer: int
     k_bytes: int
     v_bytes: int
-    capacity: int | None = None  # tokens per KV head (compressed) or context size (full)
+    capacity: int | None = None  # tokens per KV head (compressed: its largest head) or context size (full)
     used: int | None = None
+    head_capacities: list[int] | None = None  # compressed: per KV head
+    head_used: list[int] | None = None
 
 
 @dataclass
@@ -112,7 +114,7 @@ class MemoryReport:
 class Engine:
     """A model and a context configured for one policy and budget."""
 
-    def __init__(self, model: str | None = None, *, policy: str = "full", budget: int | None = None,
+    def __init__(self, model: str | None = None, *, policy: str | policies.Policy = "full", budget: int | None = None,
                  policy_args: dict[str, str] | None = None, ctx: int | None = None,
                  prefill_budget: int | None = None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
@@ -124,7 +126,8 @@ class Engine:
         `gpu_layers`: layers offloaded to a GPU backend when one was built (llama.cpp's convention: -1 all,
         0 none); their K/V caches, compressed ones included, live on the GPU with them."""
         init_backend(verbose)
-        self.policy = policies.create(policy, policy_args)
+        # a name (the CLI), or a Policy instance (the Python API: a subclass with its own per-head budgets)
+        self.policy = policy if isinstance(policy, policies.Policy) else policies.create(policy, policy_args)
         self.budget = budget
         self.chunk = int(chunk)
         self.decode_interval = int(decode_interval)
@@ -157,7 +160,7 @@ class Engine:
                 prefill_budget = budget
             if prefill_budget is not None and prefill_budget < budget:
                 raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
-        elif budget is not None and policy == "full":
+        elif budget is not None and self.policy.name == "full":
             raise LocalkvError("--budget needs a compressing policy (full keeps everything); see `localkv policies`")
 
         cp = ll.llama_context_default_params()
@@ -191,17 +194,26 @@ class Engine:
         self.kv_layers = capi.kv_layers(self.ctx)
         if self.policy.compresses:
             n = len(self.kv_layers)
+            self.kv_heads = capi.kv_heads(self.ctx)
+            # cached layer of every (layer, KV head) in the C API's per-head order, and each layer's first head
+            self._head_layer = np.repeat(np.arange(n), self.kv_heads)
+            self._head0 = np.concatenate([[0], np.cumsum(self.kv_heads)]).astype(int)
             self.capacities = self.policy.capacities(budget, n)
-            self.prefill_capacities = self.policy.capacities(self.prefill_budget, n)
-            # what a layer may hold while a prompt goes in: the prefill budget at least (a prompt that fits it
-            # is compressed once, after all of it was read, even in a layer whose share is smaller), plus a chunk
-            self._prefill_limits = [max(p, self.prefill_budget) + self.chunk for p in self.prefill_capacities]
+            self.head_capacities = np.asarray(self.policy.head_capacities(budget, self.kv_heads), dtype=np.int64)
+            self.prefill_capacities = np.asarray(self.policy.head_capacities(self.prefill_budget, self.kv_heads),
+                                                 dtype=np.int64)
+            # what a head may hold while a prompt goes in: the prefill budget at least (a prompt that fits it
+            # is compressed once, after all of it was read, even in a head whose share is smaller), plus a chunk
+            self._prefill_limits = np.maximum(self.prefill_capacities, self.prefill_budget) + self.chunk
             try:
                 # C's capacity is the budget (AhaKV's k); the slots start at one decode interval and grow as tokens
                 # come (see _make_room), so a short chat never holds more than a full cache would
-                capi.enable(self.ctx, self.capacities, [self.decode_interval] * n)
-                slots = [capi.layer_state(self.ctx, i)[1] for i in range(n)]
-                self._slot_bytes = [(kb + vb) / s for (_il, kb, vb), s in zip(capi.kv_layers(self.ctx), slots)]
+                capi.enable(self.ctx, self.head_capacities, [self.decode_interval] * len(self.head_capacities))
+                _cap, alloc, _used = capi.cache_state(self.ctx)
+                # bytes of one slot of each head (K + V, as llama.cpp allocated them)
+                layer_slots = np.bincount(self._head_layer, weights=alloc)
+                self._slot_bytes = np.array([kb + vb for _il, kb, vb in capi.kv_layers(self.ctx)]) / layer_slots
+                self._slot_bytes = self._slot_bytes[self._head_layer]
             except capi.CapiError as e:
                 if e.code == -2:
                     raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
@@ -264,25 +276,31 @@ class Engine:
         capi.set_stats(self.ctx, needs, self.policy.obs_window(phase))
         self._stats_phase = key
 
+    def _heads_of(self, i: int) -> slice:
+        """The entries of cached layer i in per-head arrays."""
+        return slice(self._head0[i], self._head0[i + 1])
+
     def _compresses_before(self, n: int, n_next: int) -> bool:
         """Whether, after n more prompt tokens, the next n_next would need a compression first (_make_room's
         rule: the slots cannot grow past the prefill working set plus one chunk)."""
-        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-        return any(used + n + n_next > pad_slots(limit)
-                   for limit, (_cap, _alloc, used) in zip(self._prefill_limits, states))
+        _cap, _alloc, used = capi.cache_state(self.ctx)
+        limits = np.array([pad_slots(x) for x in self._prefill_limits])
+        return bool((used + n + n_next > limits).any())
 
-    def layer_view(self, i: int, phase: str) -> LayerView:
-        cap, _alloc, _used = capi.layer_state(self.ctx, i)
-        positions = capi.positions(self.ctx, i, self.shape.n_head_kv)
+    def layer_view(self, i: int, phase: str, capacity=None) -> LayerView:
+        cap, _alloc, used = capi.head_state(self.ctx, i)
+        positions = capi.positions(self.ctx, i)
         return LayerView(ctx=self.ctx, index=i, layer=self.kv_layers[i][0], n_layers=len(self.kv_layers),
-                         n_head=self.shape.n_head, n_head_kv=self.shape.n_head_kv, capacity=cap,
-                         positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions))
+                         n_head=self.shape.n_head, n_head_kv=len(used),
+                         capacity=cap if capacity is None else np.asarray(capacity),
+                         positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions),
+                         used=used)
 
-    def _resize(self, slots: list[int], states) -> None:
-        """Reallocate every layer to `slots` (padded like the C side) unless that changes nothing."""
+    def _resize(self, slots, alloc) -> None:
+        """Reallocate every head to `slots` (padded like the C side) unless that changes nothing."""
         slots = [pad_slots(s) for s in slots]
-        if slots != [alloc for _cap, alloc, _used in states]:
-            capi.resize(self.ctx, self.capacities, slots)
+        if slots != [int(a) for a in alloc]:
+            capi.resize(self.ctx, self.head_capacities, slots)
             self.reallocations += 1
             self.kv_bytes_peak = max(self.kv_bytes_peak, capi.memory_bytes(self.ctx))
 
@@ -292,46 +310,42 @@ class Engine:
             return capi.memory_bytes(self.ctx)
         return int(sum(b * pad_slots(min(limit, tokens + self.chunk)) for b, limit in zip(self._slot_bytes, self._prefill_limits)))
 
-    def _make_room(self, n: int, phase: str, targets: list[int] | None = None) -> None:
-        """Room for n more tokens in every layer: grow the slots while under the phase's limit, else compress.
+    def _make_room(self, n: int, phase: str, targets=None) -> None:
+        """Room for n more tokens in every head: grow the slots while under the phase's limit, else compress.
 
         Growth: up to the tokens held + n + one chunk, never past the limit (the prefill working set + one
         chunk while a prompt goes in, the budget + the decode interval while decoding), so the cache never
         holds more than the tokens seen plus one chunk and reallocates at most once per chunk of tokens.
         """
-        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-        if all(used + n <= alloc for _cap, alloc, used in states):
+        _cap, alloc, used = capi.cache_state(self.ctx)
+        if (used + n <= alloc).all():
             return
-        limits = self._prefill_limits if phase == PREFILL else [c + self.decode_interval for c in self.capacities]
-        want = [max(alloc, min(limit, used + n + self.chunk)) for limit, (_cap, alloc, used) in zip(limits, states)]
-        self._resize(want, states)
+        limits = self._prefill_limits if phase == PREFILL else self.head_capacities + self.decode_interval
+        self._resize(np.maximum(alloc, np.minimum(limits, used + n + self.chunk)), alloc)
         self.compress(phase, room=n, targets=targets)
 
     def _settle(self) -> None:
-        """At rest (between turns, while decoding): each layer holds what it kept plus one decode interval."""
-        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-        self._resize([used + self.decode_interval for _cap, _alloc, used in states], states)
+        """At rest (between turns, while decoding): each head holds what it kept plus one decode interval."""
+        _cap, alloc, used = capi.cache_state(self.ctx)
+        self._resize(used + self.decode_interval, alloc)
 
-    def compress(self, phase: str, room: int = 0, targets: list[int] | None = None) -> bool:
-        """Bring every layer over its target (default: its budget capacity) back to it.
+    def compress(self, phase: str, room: int = 0, targets=None) -> bool:
+        """Bring every head over its target (default: its budget capacity) back to it.
 
         With `room`, only if `room` more tokens would not fit.
         """
         if not self.compressing:
             return False
-        states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-        if room and all(used + room <= alloc for _cap, alloc, used in states):
+        cap, alloc, used = capi.cache_state(self.ctx)
+        if room and (used + room <= alloc).all():
             return False
-        targets = targets or [cap for cap, _alloc, _used in states]
+        targets = np.asarray(targets if targets is not None else cap)
         if room:  # whatever the target, leave room for what comes next
-            targets = [min(t, alloc - room) for t, (_cap, alloc, _used) in zip(targets, states)]
+            targets = np.minimum(targets, alloc - room)
         t0 = time.perf_counter()
-        layers = [i for i, (_cap, _alloc, used) in enumerate(states) if used > targets[i]]
-        views = []
-        for i in layers:
-            view = self.layer_view(i, phase)
-            view.capacity = targets[i]
-            views.append(view)
+        over = used > targets
+        layers = [i for i in range(len(self.kv_layers)) if over[self._heads_of(i)].any()]
+        views = [self.layer_view(i, phase, capacity=targets[self._heads_of(i)]) for i in layers]
         # every layer is chosen before any is compacted: a policy may weigh the layers together
         for i, keep in zip(layers, self.policy.select_layers(views)):
             capi.keep(self.ctx, i, keep)
@@ -354,7 +368,7 @@ class Engine:
         """Tokens per KV head held now (the largest layer), or all tokens with the full cache."""
         if not self.compressing:
             return self.n_past
-        return max(capi.layer_state(self.ctx, i)[2] for i in range(len(self.kv_layers)))
+        return int(capi.cache_state(self.ctx)[2].max())
 
     # ---------------------------------------------------------------- decoding
 
@@ -449,7 +463,7 @@ class Engine:
         if self.compressing:
             self._make_room(1, DECODE)
         self._decode([token], True)
-        if self.compressing and self.kv_tokens_kept() >= max(self.capacities) + self.decode_interval:
+        if self.compressing and (capi.cache_state(self.ctx)[2] >= self.head_capacities + self.decode_interval).any():
             self.compress(DECODE)
 
     # ---------------------------------------------------------------- generation
@@ -582,16 +596,16 @@ class Engine:
         if self.compressing and self.n_past == 0:
             # an empty cache holds one decode interval; size it as it is at rest after n tokens (a real
             # allocation by llama.cpp, read back below), so the report shows what such a prompt leaves held
-            states = [capi.layer_state(self.ctx, i) for i in range(len(self.kv_layers))]
-            self._resize([min(c, n) + self.decode_interval for c in self.capacities], states)
+            self._resize(np.minimum(self.head_capacities, n) + self.decode_interval, capi.cache_state(self.ctx)[1])
             for phase in (PREFILL, DECODE):  # the statistics the policy allocates over a prompt and a reply
                 self._set_phase(phase)
         layers = []
         for i, (il, kb, vb) in enumerate(self.kv_layers if not self.compressing else capi.kv_layers(self.ctx)):
             lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb)
             if self.compressing:
-                cap, _alloc, used = capi.layer_state(self.ctx, i)
-                lm.capacity, lm.used = cap, used
+                cap, _alloc, used = capi.head_state(self.ctx, i)
+                lm.capacity, lm.used = int(cap.max()), int(used.max())
+                lm.head_capacities, lm.head_used = cap.tolist(), used.tolist()
             layers.append(lm)
         return MemoryReport(
             model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,

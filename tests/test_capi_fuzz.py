@@ -14,6 +14,7 @@ from localkv import capi
 pytestmark = pytest.mark.model
 
 N_LAYER, N_HEAD_KV = 24, 2
+N_HEADS = N_LAYER * N_HEAD_KV
 CODES = {0, -1, -2, -3, -4, -5, -6, -7}
 
 
@@ -39,26 +40,28 @@ small = st.integers(-3, 60)
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layer=st.one_of(small, int32), slots=st.lists(st.one_of(small, int32), max_size=130),
-       n_keep=st.one_of(small, int32), stat=st.one_of(st.integers(-2, 8), int32),
+       n_keep=st.one_of(small, int32), n_keep2=st.one_of(small, int32), stat=st.one_of(st.integers(-2, 8), int32),
        flags=st.one_of(st.integers(0, 1 << 7), int32.map(lambda x: x & 0xFFFFFFFF)),
        window=st.one_of(st.integers(0, 70000), st.just(0xFFFFFFFF)), null=st.booleans(), n_out=st.integers(0, 200))
-def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, window, null, n_out):
+def test_random_arguments_return_codes(live, layer, slots, n_keep, n_keep2, stat, flags, window, null, n_out):
     lib, ctx = capi.lib, live.ctx
     if capi.layer_state(ctx, 0)[2] == 0:
         _refill(live)
 
     arr = (ctypes.c_int32 * max(len(slots), 1))(*slots) if slots else None
-    # a too-short slots array would make C read past it: the API can't know the length, so pass what the
-    # declared n_keep needs or NULL (the caller's side of the contract), with hostile values inside
-    if arr is not None and n_keep > 0 and len(slots) < n_keep * N_HEAD_KV:
+    # per-head counts (the heads of a layer may keep different numbers); a too-short slots array would make C
+    # read past it: the API can't know the length, so pass what the declared counts need or NULL (the caller's
+    # side of the contract), with hostile values inside
+    counts = (ctypes.c_int32 * N_HEAD_KV)(n_keep, n_keep2)
+    if arr is not None and len(slots) < max(n_keep, 0) + max(n_keep2, 0):
         arr = None
-    rc = lib.llama_localkv_keep(ctx, layer, None if null else arr, n_keep)
+    rc = lib.llama_localkv_keep(ctx, layer, None if null else arr, None if null and n_out % 2 else counts)
     assert rc in CODES
     if rc == 0:
-        assert capi.layer_state(ctx, layer)[2] == n_keep
-        pos = capi.positions(ctx, layer, N_HEAD_KV)
-        for h in range(N_HEAD_KV):
-            assert len(set(pos[h].tolist())) == n_keep
+        assert capi.head_state(ctx, layer)[2].tolist() == [n_keep, n_keep2]
+        pos = capi.positions(ctx, layer)
+        for h, n in enumerate((n_keep, n_keep2)):
+            assert len(set(pos[h, :n].tolist())) == n
 
     fbuf = (ctypes.c_float * max(n_out, 1))()
     rc = lib.llama_localkv_get_stat(ctx, layer, stat, bool(n_out % 2), None if null else fbuf, n_out)
@@ -66,7 +69,9 @@ def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, 
     ibuf = (ctypes.c_int32 * max(n_out, 1))()
     rc = lib.llama_localkv_get_positions(ctx, layer, None if null else ibuf, n_out)
     assert rc in CODES or rc > 0
-    assert lib.llama_localkv_layer_state(ctx, layer, None, None, None) in CODES
+    ubuf = (ctypes.c_uint32 * max(n_out, 1))()
+    rc = lib.llama_localkv_cache_state(ctx, None if null else ubuf, ubuf, None, n_out)
+    assert rc in CODES or rc == N_HEADS
     assert lib.llama_localkv_clear_stat(ctx, stat) in CODES
     rc = lib.llama_localkv_set_stats(ctx, flags, window)
     assert rc in CODES
@@ -79,12 +84,12 @@ def test_random_arguments_return_codes(live, layer, slots, n_keep, stat, flags, 
     # size just under the limit is a real multi-GB allocation and would exhaust the machine, not test a check
     def size(i, x):
         return abs(x) % 300 if i % 7 else (0, (1 << 24) + 1 + abs(x) % 1000, 0xFFFFFFFF)[abs(x) % 3]
-    sizes = (ctypes.c_uint32 * N_LAYER)(*[size(i, x) for i, x in
-                                          enumerate((slots * N_LAYER)[:N_LAYER] or [0] * N_LAYER)])
-    used = [capi.layer_state(ctx, i)[2] for i in range(N_LAYER)]
-    rc = lib.llama_localkv_resize(ctx, None if null else sizes, sizes, N_LAYER if n_out % 3 else n_out)
+    sizes = (ctypes.c_uint32 * N_HEADS)(*[size(i, x) for i, x in
+                                          enumerate((slots * N_HEADS)[:N_HEADS] or [0] * N_HEADS)])
+    used = capi.cache_state(ctx)[2].tolist()
+    rc = lib.llama_localkv_resize(ctx, None if null else sizes, sizes, N_HEADS if n_out % 3 else n_out)
     assert rc in CODES
-    assert [capi.layer_state(ctx, i)[2] for i in range(N_LAYER)] == used
+    assert capi.cache_state(ctx)[2].tolist() == used
 
 
 def test_null_context_everywhere():
@@ -92,13 +97,13 @@ def test_null_context_everywhere():
     assert lib.llama_localkv_memory_bytes(None) == -1
     assert lib.llama_localkv_compute_bytes(None) == -1
     assert lib.llama_localkv_n_kv_layers(None) == -1
-    assert lib.llama_localkv_kv_layer_info(None, 0, None, None, None) == -1
+    assert lib.llama_localkv_kv_layer_info(None, 0, None, None, None, None) == -1
     assert lib.llama_localkv_enabled(None) == -1
     assert lib.llama_localkv_set_stats(None, 0, 32) == -1
-    assert lib.llama_localkv_layer_state(None, 0, None, None, None) == -1
+    assert lib.llama_localkv_cache_state(None, None, None, None, 0) == -1
     assert lib.llama_localkv_get_positions(None, 0, None, 0) == -1
     assert lib.llama_localkv_get_stat(None, 0, 0, False, None, 0) == -1
-    assert lib.llama_localkv_keep(None, 0, None, 0) == -1
+    assert lib.llama_localkv_keep(None, 0, None, None) == -1
     assert lib.llama_localkv_clear_stat(None, 0) == -1
     assert lib.llama_localkv_stats_bytes(None) == -1
     assert lib.llama_localkv_enable(None, None, None, 0) == -1
@@ -113,8 +118,10 @@ def test_decoding_after_random_evictions_still_works(live):
     rng = np.random.default_rng(3)
     for i in range(N_LAYER):
         n = capi.layer_state(live.ctx, i)[2]
-        keep = np.stack([np.sort(rng.choice(n, size=10, replace=False)) for _ in range(N_HEAD_KV)])
+        # ragged: head 0 keeps 10 tokens, head 1 a number of its own per layer
+        keep = [np.sort(rng.choice(n, size=k, replace=False)) for k in (10, 3 + i % 9)]
         capi.keep(live.ctx, i, keep)
     live.n_past = 40
-    live._decode(live._tokens[:5], True)   # attends 10 kept + 5 new tokens per head (room was left)
-    assert capi.layer_state(live.ctx, 0)[2] == 15
+    live._decode(live._tokens[:5], True)   # attends the kept tokens + 5 new ones per head (room was left)
+    assert capi.head_state(live.ctx, 0)[2].tolist() == [15, 8]
+    assert capi.head_state(live.ctx, 5)[2].tolist() == [15, 5 + 3 + 5]

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.model
 
 N_LAYER, N_HEAD, N_HEAD_KV, D = 24, 14, 2, 64
 GROUP = N_HEAD // N_HEAD_KV
+N_HEADS = N_LAYER * N_HEAD_KV  # length of the C API's per-(layer, KV head) arrays
 
 TEXT = ("The lighthouse keeper wrote in her log every night. The sea was calm, the lamp was bright, "
         "and the ships passed far to the west. On the third night a storm came from the north, "
@@ -250,20 +251,20 @@ def test_resize_refuses_to_drop_tokens(model_path):
         eng._stats_phase = "manual"
         raw_decode(eng, tokens[:60])
         raw_decode(eng, tokens[60:120])                                      # 120 of 128 slots in use
-        caps = (ctypes.c_uint32 * N_LAYER)(*[64] * N_LAYER)
-        small = (ctypes.c_uint32 * N_LAYER)(*[96] * N_LAYER)
-        zero = (ctypes.c_uint32 * N_LAYER)(*[0] * N_LAYER)
-        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_LAYER) == -3  # 96 slots < 120 in use
-        assert capi.lib.llama_localkv_resize(eng.ctx, caps, zero, N_LAYER) == -6   # no slots
-        assert capi.lib.llama_localkv_resize(eng.ctx, zero, small, N_LAYER) == -6  # no capacity
-        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_LAYER - 1) == -1
-        assert capi.lib.llama_localkv_resize(eng.ctx, caps, None, N_LAYER) == -1
+        caps = (ctypes.c_uint32 * N_HEADS)(*[64] * N_HEADS)
+        small = (ctypes.c_uint32 * N_HEADS)(*[96] * N_HEADS)
+        zero = (ctypes.c_uint32 * N_HEADS)(*[0] * N_HEADS)
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_HEADS) == -3  # 96 slots < 120 in use
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, zero, N_HEADS) == -6   # no slots
+        assert capi.lib.llama_localkv_resize(eng.ctx, zero, small, N_HEADS) == -6  # no capacity
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, small, N_LAYER) == -1  # one entry per layer, not head
+        assert capi.lib.llama_localkv_resize(eng.ctx, caps, None, N_HEADS) == -1
         assert capi.layer_state(eng.ctx, 0) == (64, 128, 120)                # nothing changed
         before = capi.positions(eng.ctx, 0, N_HEAD_KV)
         vnorm = capi.get_stat(eng.ctx, 0, capi.STAT_VNORM, N_HEAD_KV)
         k_rows = capi.read_rows(eng.ctx, 0, 0)
         moved = capi.transfer_bytes(eng.ctx)
-        capi.resize(eng.ctx, [200] * N_LAYER, [264] * N_LAYER)               # grow: tokens and statistics move
+        capi.resize(eng.ctx, [200] * N_HEADS, [264] * N_HEADS)               # grow: tokens and statistics move
         assert capi.transfer_bytes(eng.ctx) == moved                         # backend to backend
         assert capi.layer_state(eng.ctx, 0) == (200, 288, 120)
         assert (capi.positions(eng.ctx, 0, N_HEAD_KV) == before).all()
@@ -301,12 +302,10 @@ def test_compaction_on_the_backend_is_bit_exact(model_path, ctype):
             k0, v0, obs0, vn0 = before[i]
             n = keeps[i].shape[1]
             for rows0, which in ((k0, 0), (v0, 1)):
-                got = capi.read_rows(eng.ctx, i, which)
-                assert got.shape == (n, rows0.shape[1])
-                head = rows0.shape[1] // N_HEAD_KV
+                got = capi.read_rows(eng.ctx, i, which)       # a row per (KV head, slot), head after head
+                assert got.shape == (N_HEAD_KV * n, rows0.shape[1])
                 for h in range(N_HEAD_KV):
-                    np.testing.assert_array_equal(got[:, h * head:(h + 1) * head],
-                                                  rows0[keeps[i][h], h * head:(h + 1) * head])
+                    np.testing.assert_array_equal(got[h * n:(h + 1) * n], rows0[h * 100 + keeps[i][h]])
             np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_OBS, N_HEAD_KV, True),
                                           np.take_along_axis(obs0, keeps[i], 1))
             np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV),
@@ -411,8 +410,8 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         assert lib.llama_localkv_enabled(ctx) == 0
         assert lib.llama_localkv_enabled(None) == -1
         assert lib.llama_localkv_set_stats(ctx, 1, 32) == -3            # not enabled
-        assert lib.llama_localkv_keep(ctx, 0, None, 0) == -3
-        assert lib.llama_localkv_layer_state(ctx, 0, None, None, None) == -3
+        assert lib.llama_localkv_keep(ctx, 0, None, None) == -3
+        assert lib.llama_localkv_cache_state(ctx, None, None, None, 0) == -3
         assert lib.llama_localkv_get_positions(ctx, 0, None, 0) == -3
         assert lib.llama_localkv_get_stat(ctx, 0, 0, False, None, 0) == -3
         assert lib.llama_localkv_clear_stat(ctx, 0) == -3
@@ -421,30 +420,33 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         assert lib.llama_localkv_read_rows(ctx, 0, 0, None, 0) == -3
         assert lib.llama_localkv_resize(ctx, None, None, N_LAYER) == -3
         assert lib.llama_localkv_enable(None, None, None, 0) == -1
-        caps = (ctypes.c_uint32 * N_LAYER)(*[64] * N_LAYER)
-        slots = (ctypes.c_uint32 * N_LAYER)(*[128] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER - 1) == -1   # wrong layer count
-        assert lib.llama_localkv_enable(ctx, None, slots, N_LAYER) == -1
-        assert lib.llama_localkv_enable(ctx, caps, None, N_LAYER) == -1
-        zero = (ctypes.c_uint32 * N_LAYER)(*[0] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, zero, slots, N_LAYER) == -6
-        assert lib.llama_localkv_enable(ctx, caps, zero, N_LAYER) == -6
-        huge = (ctypes.c_uint32 * N_LAYER)(*[1 << 30] * N_LAYER)
-        assert lib.llama_localkv_enable(ctx, huge, slots, N_LAYER) == -6
-        assert lib.llama_localkv_enable(ctx, caps, huge, N_LAYER) == -6
+        caps = (ctypes.c_uint32 * N_HEADS)(*[64] * N_HEADS)
+        slots = (ctypes.c_uint32 * N_HEADS)(*[128] * N_HEADS)
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS - 1) == -1   # wrong head count
+        assert lib.llama_localkv_enable(ctx, None, slots, N_HEADS) == -1
+        assert lib.llama_localkv_enable(ctx, caps, None, N_HEADS) == -1
+        zero = (ctypes.c_uint32 * N_HEADS)(*[0] * N_HEADS)
+        assert lib.llama_localkv_enable(ctx, zero, slots, N_HEADS) == -6
+        assert lib.llama_localkv_enable(ctx, caps, zero, N_HEADS) == -6
+        huge = (ctypes.c_uint32 * N_HEADS)(*[1 << 30] * N_HEADS)
+        assert lib.llama_localkv_enable(ctx, huge, slots, N_HEADS) == -6
+        assert lib.llama_localkv_enable(ctx, caps, huge, N_HEADS) == -6
         plain.generate("hi", max_tokens=1, temperature=0)
-        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == -3       # cache not empty
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == -3       # cache not empty
         assert b"empty" in lib.llama_localkv_last_error()
         plain.reset()
-        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == 0
-        assert lib.llama_localkv_enable(ctx, caps, slots, N_LAYER) == -3       # already on
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == 0
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == -3       # already on
         assert lib.llama_localkv_stats_bytes(ctx) == 0                         # statistics only when asked for
         assert lib.llama_localkv_get_stat(ctx, 0, 0, True, None, 0) == -3      # never switched on
 
         assert lib.llama_localkv_set_stats(ctx, 1 << 10, 32) == -1
         assert lib.llama_localkv_set_stats(ctx, 1, 0) == -1
-        assert lib.llama_localkv_layer_state(ctx, N_LAYER, None, None, None) == -4
-        assert lib.llama_localkv_layer_state(ctx, -1, None, None, None) == -4
+        assert lib.llama_localkv_cache_state(ctx, None, None, None, 0) == N_HEADS
+        small = (ctypes.c_uint32 * 4)()
+        assert lib.llama_localkv_cache_state(ctx, small, None, None, 4) == -1   # arrays too small
+        assert lib.llama_localkv_get_positions(ctx, N_LAYER, None, 0) == -4
+        assert lib.llama_localkv_get_positions(ctx, -1, None, 0) == -4
         assert lib.llama_localkv_get_stat(ctx, 0, 99, False, None, 0) == -1
         assert lib.llama_localkv_get_stat(ctx, 99, 0, False, None, 0) == -4
         assert lib.llama_localkv_clear_stat(ctx, -1) == -1
@@ -456,19 +458,22 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         assert lib.llama_localkv_get_stat(ctx, 0, 0, False, buf, 10) == -1   # buffer too small
         pos = (ctypes.c_int32 * 10)()
         assert lib.llama_localkv_get_positions(ctx, 0, pos, 10) == -1
+        two = (ctypes.c_int32 * 2)(2, 2)
         slots = (ctypes.c_int32 * 4)(0, 1, 2, 2)
-        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5                # head 1 repeats slot 2
+        assert lib.llama_localkv_keep(ctx, 0, slots, two) == -5              # head 1 repeats slot 2
         slots = (ctypes.c_int32 * 4)(0, 1, 2, 30)
-        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5                # slot out of range
+        assert lib.llama_localkv_keep(ctx, 0, slots, two) == -5              # slot out of range
         slots = (ctypes.c_int32 * 4)(0, -1, 2, 3)
-        assert lib.llama_localkv_keep(ctx, 0, slots, 2) == -5
-        assert lib.llama_localkv_keep(ctx, 0, slots, 31) == -1               # more than in use
-        assert lib.llama_localkv_keep(ctx, 0, None, 2) == -1
-        assert lib.llama_localkv_keep(ctx, 99, slots, 2) == -4
+        assert lib.llama_localkv_keep(ctx, 0, slots, two) == -5
+        assert lib.llama_localkv_keep(ctx, 0, slots, (ctypes.c_int32 * 2)(2, 31)) == -1   # more than in use
+        assert lib.llama_localkv_keep(ctx, 0, slots, (ctypes.c_int32 * 2)(-1, 2)) == -1
+        assert lib.llama_localkv_keep(ctx, 0, None, two) == -1
+        assert lib.llama_localkv_keep(ctx, 0, slots, None) == -1
+        assert lib.llama_localkv_keep(ctx, 99, slots, two) == -4
         assert capi.layer_state(ctx, 0)[2] == 30                              # nothing changed
-        ok = (ctypes.c_int32 * 4)(0, 29, 1, 28)
-        assert lib.llama_localkv_keep(ctx, 0, ok, 2) == 0
-        assert capi.layer_state(ctx, 0)[2] == 2
+        ok = (ctypes.c_int32 * 3)(0, 29, 28)
+        assert lib.llama_localkv_keep(ctx, 0, ok, (ctypes.c_int32 * 2)(2, 1)) == 0   # heads keep different counts
+        assert capi.head_state(ctx, 0)[2].tolist() == [2, 1]
 
         # a batch that does not fit is refused (llama_decode returns 1), not a crash
         tokens = plain.model.tokenize(TEXT * 8)

@@ -33,16 +33,36 @@ class LayerView:
     n_layers: int
     n_head: int         # query heads
     n_head_kv: int
-    capacity: int       # tokens per KV head to keep
-    positions: np.ndarray  # [n_head_kv, n_used] token positions in the slots
+    capacity: int | np.ndarray  # tokens to keep: one count for every KV head, or [n_head_kv]
+    positions: np.ndarray  # [n_head_kv, n_used] token positions in the slots (-1 past a head's own count)
     n_seen: int         # tokens of the sequence so far (the next position)
     phase: str          # PREFILL or DECODE
     words: np.ndarray | None = None  # [n_head_kv, n_used] word id of each slot's token (localkv.words)
+    used: np.ndarray | None = None   # [n_head_kv] slots each head holds (None: all n_used)
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_used(self) -> int:
+        """Slots of the fullest head (the width of positions and of every statistic)."""
         return self.positions.shape[1]
+
+    @property
+    def head_used(self) -> np.ndarray:
+        return np.full(self.n_head_kv, self.n_used) if self.used is None else np.asarray(self.used)
+
+    @property
+    def head_capacity(self) -> np.ndarray:
+        return np.broadcast_to(np.asarray(self.capacity), (self.n_head_kv,))
+
+    @property
+    def valid(self) -> np.ndarray:
+        """[n_head_kv, n_used] True where a head holds a token (heads may hold different numbers)."""
+        return np.arange(self.n_used)[None, :] < self.head_used[:, None]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the heads hold or keep different numbers of tokens."""
+        return len(set(self.head_used.tolist())) > 1 or len(set(self.head_capacity.tolist())) > 1
 
     def stat(self, kind: int, per_kv_head: bool = True) -> np.ndarray:
         """A statistic of this layer: [n_head_kv or n_head, n_used] float32 (read once, then cached)."""
@@ -101,6 +121,11 @@ class Policy:
         """Per-layer capacity for an average of `budget` tokens per KV head (uniform by default)."""
         return [budget] * n_layers
 
+    def head_capacities(self, budget: int, heads: list[int]) -> list[int]:
+        """Capacity of every (layer, KV head), layer after layer (`heads`: KV heads per layer); by default each
+        head gets its layer's share."""
+        return [c for c, h in zip(self.capacities(budget, len(heads)), heads) for _ in range(h)]
+
     def score(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] value of each kept token; higher is kept first."""
         raise NotImplementedError
@@ -130,24 +155,38 @@ class Policy:
         pos = view.positions
         return (pos < self.sinks) | (pos >= view.n_seen - self.window)
 
-    def select(self, view: LayerView) -> np.ndarray:
-        """[n_head_kv, capacity] sorted slots to keep (all slots if they fit)."""
-        if view.n_used <= view.capacity:
-            return np.tile(np.arange(view.n_used, dtype=np.int32), (view.n_head_kv, 1))
+    def select(self, view: LayerView):
+        """Sorted slots to keep in each KV head (all it holds if they fit): a [n_head_kv, capacity] array, or one
+        array per head when the heads hold or keep different numbers."""
+        if (view.head_used <= view.head_capacity).all():
+            if not view.ragged:
+                return np.tile(np.arange(view.n_used, dtype=np.int32), (view.n_head_kv, 1))
+            return [np.arange(u, dtype=np.int32) for u in view.head_used]
         return self.top_k(self.final_scores(view), view)
 
-    def top_k(self, scores: np.ndarray, view: LayerView) -> np.ndarray:
-        """[n_head_kv, capacity] the best slots; words (or spans) are taken whole, so the cut never splits one."""
+    def top_k(self, scores: np.ndarray, view: LayerView):
+        """The best slots of each head; words (or spans) are taken whole, so the cut never splits one."""
         groups = view.words if self.whole_words and view.words is not None else \
             view.positions // self.span if self.span > 1 else None
-        return top_k_slots(scores, view.capacity) if groups is None else top_k_groups(scores, view.capacity, groups)
+
+        def best(sc, k, g):
+            return top_k_slots(sc, k) if g is None else top_k_groups(sc, k, g)
+
+        if not view.ragged:
+            return best(scores, min(int(view.head_capacity[0]), view.n_used), groups)
+        out = []
+        for h, (u, k) in enumerate(zip(view.head_used.tolist(), view.head_capacity.tolist())):
+            out.append(best(scores[h:h + 1, :u], min(k, u), None if groups is None else groups[h:h + 1, :u])[0])
+        return out
 
     def final_scores(self, view: LayerView) -> np.ndarray:
-        """[n_head_kv, n_used] what the top-k ranks: the policy's score, kept whole, protected slots at +inf."""
+        """[n_head_kv, n_used] what the top-k ranks: the policy's score, kept whole, protected slots at +inf
+        (and -inf past a head's own count)."""
         scores = np.asarray(self.score(view), dtype=np.float64)
         scores = np.where(np.isnan(scores), -np.inf, scores)
-        scores = self.keep_whole(scores, view)
-        return np.where(self.protected(view), np.inf, scores)
+        valid = view.valid
+        scores = self.keep_whole(np.where(valid, scores, -np.inf), view)
+        return np.where(valid, np.where(self.protected(view), np.inf, scores), -np.inf)
 
     def select_layers(self, views: list[LayerView]) -> list[np.ndarray]:
         """Slots to keep for every layer compressed together.
@@ -158,13 +197,13 @@ class Policy:
         """
         if self.consensus <= 0 or any(v.words is None for v in views):
             return [self.select(v) for v in views]
-        scores = [self.final_scores(v) if v.n_used > v.capacity else None for v in views]
+        scores = [self.final_scores(v) if (v.head_used > v.head_capacity).any() else None for v in views]
         kept_in: dict[int, int] = {}
         held_in: dict[int, int] = {}
         for v, sc in zip(views, scores):
             keep = self.top_k(sc, v) if sc is not None else None
             for h in range(v.n_head_kv):
-                words = v.words[h]
+                words = v.words[h][:v.head_used[h]]
                 held = np.unique(words[words >= 0])
                 kept = held if keep is None else np.unique(words[keep[h]][words[keep[h]] >= 0])
                 for w in held.tolist():

@@ -1,5 +1,7 @@
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import capi
 from ..errors import LocalkvError
 from .base import Policy
@@ -36,7 +38,7 @@ class H2O(Policy):
         return view.stat(capi.STAT_ACC)
 
     def protected(self, view):
-        recent = max(int(self.recent_ratio * view.capacity), self.window)
+        recent = np.maximum((self.recent_ratio * view.head_capacity).astype(int), self.window)[:, None]
         pos = view.positions
         return (pos < self.sinks) | (pos >= view.n_seen - recent)
 
