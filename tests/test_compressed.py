@@ -53,6 +53,16 @@ def ref_obs(q, k, w, scale):
     return out
 
 
+def assert_obs_over_kept(obs, q, k_all, kept, n_old, w):
+    """A layer's observation statistic (per query head) against NumPy over each KV head's own keys: the slots
+    kept[h] of the first n_old tokens, then the new ones, in slot order."""
+    for hk in range(N_HEAD_KV):
+        k_head = np.concatenate([k_all[kept[hk], hk], k_all[n_old:, hk]])
+        k_rep = np.repeat(k_head[:, None, :], N_HEAD_KV, axis=1)
+        want = ref_obs(q, k_rep, w, 1 / np.sqrt(D))[hk * GROUP:(hk + 1) * GROUP]
+        np.testing.assert_allclose(obs[hk * GROUP:(hk + 1) * GROUP, :len(k_head)], want, atol=2e-3, rtol=2e-2)
+
+
 def ref_adaptive_scale(n_visible, budget):
     return np.sqrt(2 * np.log(n_visible / budget) / D) if n_visible > budget else 1 / np.sqrt(D)
 
@@ -186,12 +196,7 @@ def test_keep_moves_exactly_the_requested_tokens(dumped):
     for il in layers:
         q = dump.tensors[f"Qcur-{il}"][2]
         k_all = _f16(np.concatenate(dump.tensors[f"Kcur-{il}"][:3]))
-        obs = capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD)
-        for hk in range(N_HEAD_KV):
-            k_head = np.concatenate([k_all[kept[il][hk], hk], k_all[100:, hk]])  # kept + new, in slot order
-            k_rep = np.repeat(k_head[:, None, :], N_HEAD_KV, axis=1)
-            want = ref_obs(q, k_rep, w, 1 / np.sqrt(D))[hk * GROUP:(hk + 1) * GROUP]
-            np.testing.assert_allclose(obs[hk * GROUP:(hk + 1) * GROUP], want, atol=2e-3, rtol=2e-2)
+        assert_obs_over_kept(capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD), q, k_all, kept[il], 100, w)
         assert (capi.positions(eng.ctx, il, N_HEAD_KV)[:, 40:] == np.arange(100, 120)).all()
 
 

@@ -5,14 +5,19 @@ numbers of tokens and read them back exactly, a ragged layer attends exactly eac
 against NumPy through the observation statistic), and the per-part attention gives the same logits as the
 one-call path of a uniform layer.
 """
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from conftest import make_engine, raw_decode
 from graph_dump import GraphDump
 from localkv import capi
-from localkv.policies.snapkv import SnapKV
-from test_compressed import D, GROUP, N_HEAD, N_HEAD_KV, N_LAYER, TEXT, _f16, ref_obs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from ragged_spread import SpreadSnapKV  # noqa: E402  (the policy the README's spread numbers use)
+from test_compressed import D, GROUP, N_HEAD, N_HEAD_KV, N_LAYER, TEXT, _f16, assert_obs_over_kept
 
 pytestmark = pytest.mark.model
 
@@ -97,13 +102,7 @@ def test_a_ragged_layer_attends_exactly_each_heads_own_tokens(model_path):
         for il in layers:
             q = dump.tensors[f"Qcur-{il}"][2]
             k_all = _f16(np.concatenate(dump.tensors[f"Kcur-{il}"][:3]))
-            obs = capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD)
-            for hk in range(N_HEAD_KV):
-                k_head = np.concatenate([k_all[kept[il][hk], hk], k_all[100:, hk]])
-                k_rep = np.repeat(k_head[:, None, :], N_HEAD_KV, axis=1)
-                want = ref_obs(q, k_rep, w, 1 / np.sqrt(D))[hk * GROUP:(hk + 1) * GROUP]
-                n = len(k_head)
-                np.testing.assert_allclose(obs[hk * GROUP:(hk + 1) * GROUP, :n], want, atol=2e-3, rtol=2e-2)
+            assert_obs_over_kept(capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD), q, k_all, kept[il], 100, w)
             used = capi.head_state(eng.ctx, il)[2].tolist()
             assert used == [45 + 20, 12 + il + 20]
 
@@ -127,19 +126,6 @@ def test_per_head_attention_gives_the_logits_of_one_call(model_path, flash_attn)
     assert int(logits[1].argmax()) == int(logits[0].argmax())
 
 
-class SpreadSnapKV(SnapKV):
-    """SnapKV with a `spread`:1 split of budgets between the two KV heads of every layer (same average)."""
-    name = "snapkv-spread"
-    spread: int = 3
-
-    def head_capacities(self, budget, heads):
-        out = []
-        for h in heads:
-            big = 2 * budget * self.spread // (self.spread + 1)
-            out += [big, 2 * budget - big] + [budget] * (h - 2)
-        return out
-
-
 def test_an_engine_with_per_head_budgets_holds_them_and_answers(model_path):
     """A policy's per-head budgets (3:1 between the heads of a layer) reach the C side: after a long prompt each
     head holds its own budget, the memory follows, and the answer is still read from what was kept. (At 10:1 the
@@ -147,7 +133,9 @@ def test_an_engine_with_per_head_budgets_holds_them_and_answers(model_path):
     filler = "The river flows past the old mill and the wind moves the grass on the hills. "
     prompt = filler * 12 + "The vault password is BLUE-HERON-42. " + filler * 12 + \
         "Question: what is the vault password?"
-    with make_engine(model_path, policy=SpreadSnapKV(), budget=192, chunk=128) as eng:
+    spread = SpreadSnapKV()
+    spread.spread = 3
+    with make_engine(model_path, policy=spread, budget=192, chunk=128) as eng:
         res = eng.generate(prompt, max_tokens=12, temperature=0)
         assert res.prompt_tokens > 400 and res.compressions >= 1
         cap, alloc, used = capi.cache_state(eng.ctx)
