@@ -200,10 +200,10 @@ def _ragged(flat: np.ndarray, counts, fill) -> np.ndarray:
     return out
 
 
-def positions(ctx, i: int, n_head_kv: int | None = None) -> np.ndarray:
+def positions(ctx, i: int, n_head_kv: int | None = None, used=None) -> np.ndarray:
     """[n_head_kv, n_used] token positions held by the i-th layer's slots (-1 past a head's own count when its
-    heads hold different numbers)."""
-    used = head_state(ctx, i)[2]
+    heads hold different numbers). `used`: the layer's per-head fill, when the caller already read it."""
+    used = head_state(ctx, i)[2] if used is None else np.asarray(used)
     buf = np.empty(int(used.sum()), dtype=np.int32)
     got = _check("get_positions", lib.llama_localkv_get_positions(
         ctx, i, buf.ctypes.data_as(POINTER(c_int32)), buf.size))
@@ -211,10 +211,10 @@ def positions(ctx, i: int, n_head_kv: int | None = None) -> np.ndarray:
     return _ragged(buf, used, -1)
 
 
-def get_stat(ctx, i: int, stat: int, n_heads: int, sum_per_kv_head: bool = False) -> np.ndarray:
+def get_stat(ctx, i: int, stat: int, n_heads: int, sum_per_kv_head: bool = False, used=None) -> np.ndarray:
     """[n_heads, n_used] float32 statistic of the i-th layer (n_heads: query or KV heads, as requested; 0 past
-    a head's own count)."""
-    used = head_state(ctx, i)[2]
+    a head's own count). `used`: the layer's per-head fill, when the caller already read it."""
+    used = head_state(ctx, i)[2] if used is None else np.asarray(used)
     rows = np.repeat(used, n_heads // len(used))
     buf = np.empty(int(rows.sum()), dtype=np.float32)
     got = _check("get_stat", lib.llama_localkv_get_stat(

@@ -287,12 +287,15 @@ class Engine:
         limits = np.array([pad_slots(x) for x in self._prefill_limits])
         return bool((used + n + n_next > limits).any())
 
-    def layer_view(self, i: int, phase: str, capacity=None) -> LayerView:
-        cap, _alloc, used = capi.head_state(self.ctx, i)
-        positions = capi.positions(self.ctx, i)
+    def layer_view(self, i: int, phase: str, capacity=None, used=None) -> LayerView:
+        """What the policy sees of layer i; `capacity`/`used`: per-head values the caller already read."""
+        if capacity is None or used is None:
+            cap, _alloc, used = capi.head_state(self.ctx, i)
+            capacity = cap if capacity is None else capacity
+        positions = capi.positions(self.ctx, i, used=used)
         return LayerView(ctx=self.ctx, index=i, layer=self.kv_layers[i][0], n_layers=len(self.kv_layers),
                          n_head=self.shape.n_head, n_head_kv=len(used),
-                         capacity=cap if capacity is None else np.asarray(capacity),
+                         capacity=np.asarray(capacity),
                          positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions),
                          used=used)
 
@@ -345,7 +348,8 @@ class Engine:
         t0 = time.perf_counter()
         over = used > targets
         layers = [i for i in range(len(self.kv_layers)) if over[self._heads_of(i)].any()]
-        views = [self.layer_view(i, phase, capacity=targets[self._heads_of(i)]) for i in layers]
+        views = [self.layer_view(i, phase, capacity=targets[self._heads_of(i)], used=used[self._heads_of(i)])
+                 for i in layers]
         # every layer is chosen before any is compacted: a policy may weigh the layers together
         for i, keep in zip(layers, self.policy.select_layers(views)):
             capi.keep(self.ctx, i, keep)

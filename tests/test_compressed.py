@@ -53,9 +53,19 @@ def ref_obs(q, k, w, scale):
     return out
 
 
+def decode_and_check_kept(eng, dump, layers, kept, new_tokens, n_old, w):
+    """Decode new_tokens after a keep, then check each of `layers`' observation statistic (per query head)
+    against NumPy over each KV head's own keys: the slots kept[il][h] of the first n_old tokens, then the new
+    ones, in slot order (the ubatch attends exactly the kept K rows)."""
+    raw_decode(eng, new_tokens, True)
+    dump.end_pass()
+    for il in layers:
+        q = dump.tensors[f"Qcur-{il}"][-1]
+        k_all = _f16(np.concatenate(dump.tensors[f"Kcur-{il}"]))
+        assert_obs_over_kept(capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD), q, k_all, kept[il], n_old, w)
+
+
 def assert_obs_over_kept(obs, q, k_all, kept, n_old, w):
-    """A layer's observation statistic (per query head) against NumPy over each KV head's own keys: the slots
-    kept[h] of the first n_old tokens, then the new ones, in slot order."""
     for hk in range(N_HEAD_KV):
         k_head = np.concatenate([k_all[kept[hk], hk], k_all[n_old:, hk]])
         k_rep = np.repeat(k_head[:, None, :], N_HEAD_KV, axis=1)
@@ -190,13 +200,8 @@ def test_keep_moves_exactly_the_requested_tokens(dumped):
                                       np.take_along_axis(vn_before, slots, 1))
         assert capi.layer_state(eng.ctx, i)[2] == 40
         kept[i] = slots
-    # the next ubatch attends exactly the kept K rows (checked through the observation statistic)
-    raw_decode(eng, tokens[:20], True)
-    dump.end_pass()
+    decode_and_check_kept(eng, dump, layers, kept, tokens[:20], 100, w)
     for il in layers:
-        q = dump.tensors[f"Qcur-{il}"][2]
-        k_all = _f16(np.concatenate(dump.tensors[f"Kcur-{il}"][:3]))
-        assert_obs_over_kept(capi.get_stat(eng.ctx, il, capi.STAT_OBS, N_HEAD), q, k_all, kept[il], 100, w)
         assert (capi.positions(eng.ctx, il, N_HEAD_KV)[:, 40:] == np.arange(100, 120)).all()
 
 
