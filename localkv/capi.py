@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat

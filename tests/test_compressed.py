@@ -492,6 +492,54 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
                 plain._decode(tokens[i:i + 100], False)
 
 
+def test_the_compressed_cache_is_a_memory_module_of_its_own(model_path):
+    """enable puts a new llama_memory_i in place of the plain cache (freed), and llama.cpp's own memory API drives it."""
+    import llama_cpp as ll
+    lib = capi.lib
+    with make_engine(model_path, ctx=1024, chunk=64) as plain:          # compression off: upstream's cache
+        ctx = plain.ctx
+        before = ll.llama_get_memory(ctx)
+        full = capi.memory_bytes(ctx)
+        assert full == 1024 * N_LAYER * N_HEAD_KV * D * 2 * 2
+        caps = (ctypes.c_uint32 * N_HEADS)(*[64] * N_HEADS)
+        slots = (ctypes.c_uint32 * N_HEADS)(*[96] * N_HEADS)
+        assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == 0
+        mem = ll.llama_get_memory(ctx)
+        assert mem != before
+        # the plain cache is gone: only the compressed rows are allocated, under upstream's tensor names
+        assert capi.memory_bytes(ctx) == N_LAYER * N_HEAD_KV * 96 * D * 2 * 2 < full
+        assert not ll.llama_memory_can_shift(mem)
+        assert ll.llama_memory_seq_pos_max(mem, 0) == -1
+
+        plain._decode(plain.model.tokenize(TEXT)[:40], False)
+        assert (ll.llama_memory_seq_pos_min(mem, 0), ll.llama_memory_seq_pos_max(mem, 0)) == (0, 39)
+        assert ll.llama_memory_seq_pos_max(mem, 1) == -1                  # one sequence
+        assert ll.llama_memory_seq_rm(mem, 0, 30, -1)                     # drop the tail through upstream's API
+        assert ll.llama_memory_seq_pos_max(mem, 0) == 29
+        assert capi.positions(ctx, 5).tolist() == [list(range(30))] * N_HEAD_KV
+        assert ll.llama_state_get_size(ctx) == 0                           # no save: an error, not an abort
+        ll.llama_memory_clear(mem, True)
+        assert ll.llama_memory_seq_pos_max(mem, 0) == -1
+        assert capi.head_state(ctx, 0)[2].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("ctype,flash_attn", [("f16", False), ("f16", True), ("q8_0", True), ("q4_0", True)])
+def test_before_any_eviction_the_logits_are_upstreams(model_path, ctype, flash_attn):
+    """The compressed module holding every token gives the plain cache's logits bit for bit (quantized types
+    included: it applies the same Hadamard rotation upstream's cache chooses for them)."""
+    logits = []
+    for policy in (None, "snapkv"):
+        kw = {"policy": policy, "budget": 256} if policy else {}
+        with make_engine(model_path, chunk=64, ctx=512, cache_type_k=ctype, cache_type_v=ctype, flash_attn=flash_attn,
+                         **kw) as eng:
+            tokens = eng.model.tokenize(TEXT)[:90]
+            raw_decode(eng, tokens[:60])
+            raw_decode(eng, tokens[60:], logits=True)
+            logits.append(np.ctypeslib.as_array(capi.llama_cpp.llama_get_logits(eng.ctx),
+                                                shape=(eng.shape.n_vocab,)).copy())
+    assert np.array_equal(logits[0], logits[1])
+
+
 def test_sliding_window_models_are_refused_with_a_clear_error():
     """Gemma 3 uses a sliding-window cache: compressed storage must say no, not crash (optional model)."""
     from localkv import models
