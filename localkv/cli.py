@@ -249,6 +249,60 @@ def memory(
     run_guarded(body)
 
 
+@app.command()
+def calibrate(
+    model: Optional[str] = ModelOpt,
+    policy: str = typer.Option("surfacelogickv", "--policy", "-p", help="the policy whose profile to build"),
+    probes: int = typer.Option(24, "--probes", help="needle probes to run (500 to 2000 tokens each)"),
+    seed: int = typer.Option(0, "--seed"),
+    show: bool = typer.Option(False, "--show", help="print the model's profile (calibrating only if it has none)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG heat map of the scores (layers x KV heads)"),
+    budget: int = typer.Option(128, "--budget", "-b", help="the budget whose per-head capacities the table shows"),
+    threads: Optional[int] = ThreadsOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the profile as JSON"),
+):
+    """Score every attention head on local needle probes and save the model's profile (SurfaceLogicKV)."""
+    def body():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from . import calibrate as cal
+        from . import models
+        from .memory import check_png_path
+        if policy != cal.PROFILE_KIND:
+            raise LocalkvError(f"calibrate builds profiles for {cal.PROFILE_KIND} only, not '{policy}'")
+        if plot is not None:
+            check_png_path(str(plot))
+        if probes < 1:
+            raise LocalkvError(f"--probes must be at least 1, got {probes}")
+        path = models.resolve(model, progress=sys.stderr.isatty())
+        sha = models.file_sha256(path)
+        found = cal.find_profile(sha) if show else None
+        if found is not None:
+            prof = cal.read_profile(found, sha)
+        else:
+            with Progress(TextColumn("calibrating {task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total} probes"), TimeElapsedColumn(),
+                          disable=not sys.stderr.isatty(), console=err, transient=True) as bar:
+                task = bar.add_task(path.name, total=probes)
+                prof = cal.calibrate(str(path), probes=probes, seed=seed, threads=threads,
+                                     progress=lambda done, _n: bar.update(task, completed=done))
+            found = cal.user_profile_path(sha)
+            cal.write_profile(prof, found)
+            prof = cal.read_profile(found, sha)
+        if plot is not None:
+            cal.plot_profile(prof, str(plot))
+        if as_json:
+            print(json.dumps({**prof, "path": str(found), "surface": prof["surface"].tolist(),
+                              "logic": prof["logic"].tolist()}, indent=1))
+            return
+        out.print(cal.profile_table(prof, budget))
+        out.print(f"profile {found} ({prof['probes']} probes, calibrated in {prof['seconds']:.0f} s on "
+                  f"{prof['created']})")
+        if plot is not None:
+            out.print(f"plot written to {plot}")
+    run_guarded(body)
+
+
 @app.command("policies")
 def list_policies(as_json: bool = typer.Option(False, "--json")):
     """List the compression policies, what they keep, and their arguments."""
@@ -430,13 +484,19 @@ def _anchor_types(cache_type: str, anchors: str) -> list[str]:
     return types
 
 
-def _policies(text: str) -> list[str]:
-    """A --policies list; 'all' is every policy found in localkv/policies, so new ones join by name alone."""
-    from .policies import available
+def _policies(text: str, variants: bool = False) -> list[str]:
+    """A --policies list; 'all' is every policy found in localkv/policies, so new ones join by name alone.
+    With `variants`, an entry may carry its own arguments: snapkv:adaptive=true (two runs of one policy)."""
+    from .bench.common import split_spec
+    from .policies import available, create
     names = list(available()) if text.strip() == "all" else _csv(text)
-    for name in names:
+    for spec in names:
+        name, args = split_spec(spec)
         if name not in available():
             raise LocalkvError(f"unknown policy '{name}': choose from {', '.join(available())}")
+        if args and not variants:
+            raise LocalkvError(f"'{spec}': per-policy arguments are for bench quality; use --policy-arg here")
+        create(name, args)  # an unknown or malformed argument fails now, not in a worker
     return names
 
 
@@ -445,7 +505,8 @@ def bench_quality(
     model: Optional[str] = ModelOpt,
     grid_name: str = typer.Option("small", "--grid", help="preset for the options left out: small (19 min on "
                                   "2 CPU cores) or large (a GPU machine)"),
-    policies: str = typer.Option("all", "--policies", help="comma-separated, or all"),
+    policies: str = typer.Option("all", "--policies", help="comma-separated, or all; NAME:ARG=VALUE[:ARG=VALUE] "
+                                 "runs a variant (snapkv,snapkv:adaptive=true)"),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="tokens per KV head, comma-separated"),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="context lengths in tokens"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated, from: " + ", ".join(
@@ -481,7 +542,7 @@ def bench_quality(
         budgets, settings = budgets or preset["budgets"], settings or preset["settings"]
         samples = preset["samples"] if samples is None else samples
         pargs = parse_args(policy_arg)
-        names = _policies(policies)
+        names = _policies(policies, variants=True)
         try:
             task_names = expand_tasks(_csv(tasks))
         except ValueError as e:

@@ -198,6 +198,7 @@ class Engine:
             # cached layer of every (layer, KV head) in the C API's per-head order, and each layer's first head
             self._head_layer = np.repeat(np.arange(n), self.kv_heads)
             self._head0 = np.concatenate([[0], np.cumsum(self.kv_heads)]).astype(int)
+            self.policy.prepare(self)
             self.capacities = self.policy.capacities(budget, n)
             self.head_capacities = np.asarray(self.policy.head_capacities(budget, self.kv_heads), dtype=np.int64)
             self.prefill_capacities = np.asarray(self.policy.head_capacities(self.prefill_budget, self.kv_heads),
@@ -273,7 +274,7 @@ class Engine:
         needs = set(self.policy.needs(phase))
         if not observe:
             needs -= WINDOWED_STATS
-        capi.set_stats(self.ctx, needs, self.policy.obs_window(phase))
+        capi.set_stats(self.ctx, needs, self.policy.obs_window(phase), query_heads=self.policy.query_heads)
         self._stats_phase = key
 
     def _heads_of(self, i: int) -> slice:
@@ -346,10 +347,12 @@ class Engine:
         if room:  # whatever the target, leave room for what comes next
             targets = np.minimum(targets, alloc - room)
         t0 = time.perf_counter()
-        over = used > targets
-        layers = [i for i in range(len(self.kv_layers)) if over[self._heads_of(i)].any()]
+        limits = alloc - room if room else used
+        layers = self._layers_over(used, targets, limits)
         views = [self.layer_view(i, phase, capacity=targets[self._heads_of(i)], used=used[self._heads_of(i)])
                  for i in layers]
+        for v in views:
+            v.limit = limits[self._heads_of(v.index)]
         # every layer is chosen before any is compacted: a policy may weigh the layers together
         for i, keep in zip(layers, self.policy.select_layers(views)):
             capi.keep(self.ctx, i, keep)
@@ -359,6 +362,13 @@ class Engine:
             self.compressions += 1
         self.compress_seconds += time.perf_counter() - t0
         return did
+
+    def _layers_over(self, used, targets, limits=None) -> list[int]:
+        """The cached layers the policy must compress to bring `used` to `targets` (per head, or per layer for a
+        policy whose heads share their layer's budget)."""
+        return [i for i in range(len(self.kv_layers))
+                if self.policy.over(used[self._heads_of(i)], targets[self._heads_of(i)],
+                                    None if limits is None else limits[self._heads_of(i)])]
 
     def graphs_reused(self) -> int:
         """Compute graphs llama.cpp reused instead of building anew (its own performance counter)."""
@@ -459,6 +469,10 @@ class Engine:
             rows.append(x.astype(np.float32))
         return np.concatenate(rows)
 
+    def last_logits(self) -> np.ndarray:
+        """[n_vocab] float32 logits after the last decoded token (a copy)."""
+        return np.ctypeslib.as_array(ll.llama_get_logits_ith(self.ctx, -1), shape=(self.shape.n_vocab,)).copy()
+
     def step(self, token: int) -> None:
         """Decode one generated token, compressing every decode_interval tokens to hold the budget."""
         if not self.compressing and self.n_past + 1 > self.n_ctx:
@@ -467,7 +481,8 @@ class Engine:
         if self.compressing:
             self._make_room(1, DECODE)
         self._decode([token], True)
-        if self.compressing and (capi.cache_state(self.ctx)[2] >= self.head_capacities + self.decode_interval).any():
+        if self.compressing and self._layers_over(capi.cache_state(self.ctx)[2],
+                                                  self.head_capacities + self.decode_interval - 1):
             self.compress(DECODE)
 
     # ---------------------------------------------------------------- generation

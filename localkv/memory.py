@@ -31,11 +31,20 @@ def layer_table(rep: MemoryReport) -> Table:
     title = (f"KV cache of {Path(rep.model).name}: policy {rep.policy}"
              + (f", budget {rep.budget}" if rep.budget else "") + f", K {rep.cache_type_k} / V {rep.cache_type_v}")
     t = Table(title=title)
-    for col in ("layer", "K", "V", "tokens/head"):
+    uneven = any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in rep.layers)
+    for col in ("layer", "K", "V", "tokens/head") + (("tokens per KV head",) if uneven else ()):
         t.add_column(col, justify="right")
     for lm in rep.layers:
-        t.add_row(str(lm.layer), fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes),
-                  str(lm.capacity if lm.capacity is not None else rep.ctx))
+        row = [str(lm.layer), fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes),
+               str(lm.capacity if lm.capacity is not None else rep.ctx)]
+        if uneven:
+            row.append(" ".join(str(c) for c in lm.head_capacities or []))
+        t.add_row(*row)
+    if uneven:
+        kept = sum(sum(lm.head_capacities or []) for lm in rep.layers)
+        heads = sum(len(lm.head_capacities or []) for lm in rep.layers)
+        t.caption = (f"heads keep different numbers of tokens: {kept} in all = {kept / heads:g} per KV head on "
+                     f"average over {heads} (layer, KV head)s; tokens/head is each layer's largest")
     return t
 
 
@@ -86,15 +95,22 @@ def plot(reports: list[MemoryReport], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    if not str(path).lower().endswith(".png"):
-        raise LocalkvError(f"--plot writes a PNG: give a file name ending in .png, not {path}")
-    target = Path(path)
-    if not target.parent.exists():
-        raise LocalkvError(f"cannot write {path}: directory {target.parent} does not exist")
+    check_png_path(path)
     n_layers = len(reports[0].layers)
     x = np.arange(n_layers)
     width = 0.8 / len(reports)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    uneven = [r for r in reports if any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in r.layers)]
+    if uneven:  # a second panel: tokens kept by every (layer, KV head)
+        fig, (ax, hx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+        caps = np.array([lm.head_capacities for lm in uneven[0].layers], dtype=float)
+        im = hx.imshow(caps, aspect="auto", cmap="viridis", interpolation="nearest")
+        hx.set_title(f"{uneven[0].policy}: tokens per KV head", fontsize=9)
+        hx.set_xlabel("KV head")
+        hx.set_ylabel("layer")
+        hx.set_xticks(range(caps.shape[1]))
+        fig.colorbar(im, ax=hx)
+    else:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
     for j, r in enumerate(reports):
         k = np.array([lm.k_bytes for lm in r.layers]) / 2**20
         v = np.array([lm.v_bytes for lm in r.layers]) / 2**20
@@ -105,6 +121,23 @@ def plot(reports: list[MemoryReport], path: str) -> None:
     ax.set_ylabel("MiB allocated by llama.cpp")
     ax.set_title(f"KV bytes per layer, {Path(reports[0].model).name}")
     ax.legend(fontsize=7, ncol=2)
+    save_png(fig, path)
+
+
+def check_png_path(path: str) -> None:
+    """Fail before any work when a --plot target cannot be written."""
+    if not str(path).lower().endswith(".png"):
+        raise LocalkvError(f"--plot writes a PNG: give a file name ending in .png, not {path}")
+    target = Path(path)
+    if not target.parent.exists():
+        raise LocalkvError(f"cannot write {path}: directory {target.parent} does not exist")
+
+
+def save_png(fig, path: str) -> None:
+    """Save a matplotlib figure atomically (a temp file renamed over the target) and close it."""
+    import matplotlib.pyplot as plt
+    check_png_path(path)
+    target = Path(path)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
     os.close(fd)

@@ -287,6 +287,21 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a model file: from its `.verified` sidecar when that vouches for this exact file (same size and
+    mtime), else hashed now (a second or two per GB)."""
+    target = Path(path)
+    record = _read_sidecar(target)
+    try:
+        st = target.stat()
+    except OSError as e:
+        raise LocalkvError(f"cannot read model file {target}: {e.strerror}") from None
+    if record and (record.get("size"), record.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) \
+            and isinstance(record.get("sha256"), str):
+        return record["sha256"]
+    return _hash_file(target)
+
+
 def _discard(target: Path) -> None:
     for p in (target, _sidecar(target)):
         p.unlink(missing_ok=True)

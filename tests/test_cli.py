@@ -179,3 +179,32 @@ def test_gpu_layers_option():
                        "--budget", "64", "--max-tokens", "8", "--temperature", "0", "--json")
     assert rc == 0, err
     assert "4" in json.loads(out)["text"]
+
+
+def test_calibrate_show_reads_the_shipped_profile_and_plots(tmp_path):
+    png = tmp_path / "heads.png"
+    rc, out, err = run("calibrate", "--show", "--budget", "128", "--plot", str(png))
+    assert rc == 0, err
+    assert "INFsc" in out and "profile" in out and png.stat().st_size > 10_000
+    rc, out, err = run("calibrate", "--show", "--json")
+    prof = json.loads(out)
+    assert prof["kind"] == "surfacelogickv" and len(prof["surface"]) == 24 and len(prof["surface"][0]) == 14
+
+
+def test_calibrate_bad_input():
+    assert_one_line_error(*run("calibrate", "--policy", "snapkv"), "surfacelogickv only")
+    assert_one_line_error(*run("calibrate", "--show", "--plot", "heads.txt"), "PNG")
+    assert_one_line_error(*run("calibrate", "--probes", "0"), "at least 1")
+    assert_one_line_error(*run("generate", "hi", "-p", "snapkv", "-b", "64", "--policy-arg", "adaptive=maybe"),
+                          "not a valid bool")
+
+
+def test_memory_shows_uneven_heads_for_surfacelogickv(tmp_path):
+    png = tmp_path / "mem.png"
+    rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--plot", str(png))
+    assert rc == 0, err
+    assert "tokens per KV head" in out and "6144 in all = 128 per KV head" in out
+    rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--json")
+    rep = json.loads(out)
+    heads = [c for lm in rep["layers"] for c in lm["head_capacities"]]
+    assert sum(heads) == 128 * 48 and len(set(heads)) > 5

@@ -108,3 +108,10 @@ def grid(policies: list[str], budgets: list[int], lengths: list[int], base: dict
                 configs.append({**base, "policy": pol, "budget": b, "length": length,
                                 "prefill_budget": prefill_budget if pol != "full" else None})
     return configs
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'snapkv:adaptive=true:window=16' -> ('snapkv', {'adaptive': 'true', 'window': '16'})."""
+    from ..policies import parse_args
+    name, *args = spec.split(":")
+    return name.strip(), parse_args(args)

@@ -32,14 +32,15 @@ def quality_configs(policies: list[str], tasks: list[str], settings: list[str], 
                     anchors: list[str], kvpress: list[str]) -> list[dict]:
     """Every run of a quality grid: our policies, the full cache quantized by llama.cpp (`anchors`, KV types)
     and kvpress's presses for the `kvpress` policies, for each task and setting."""
-    from .common import anchor_configs, grid
+    from .common import anchor_configs, grid, split_spec
     from .kvpress_anchor import PREFIX
     configs = []
     for task in tasks:
         for st in settings:
             cell = {**base, "task": task, "setting": st}
             for cfg in grid(policies, budgets, lengths, cell, prefill_budget):
-                cfg["policy_args"] = policy_args if cfg["policy"] != "full" else {}
+                cfg["policy"], own = split_spec(cfg["policy"])  # a variant: snapkv:adaptive=true
+                cfg["policy_args"] = {**policy_args, **own} if cfg["policy"] != "full" else {}
                 configs.append(cfg)
             configs += [{**cfg, "policy_args": {}} for cfg in anchor_configs(cell, anchors, lengths)]
             # kvpress on transformers: same prompts and budgets (its pipeline has no second turn)

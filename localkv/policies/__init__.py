@@ -51,14 +51,23 @@ def create(name: str, args: dict[str, str] | None = None) -> Policy:
     if cls is None:
         raise LocalkvError(f"unknown policy '{name}': choose one of {', '.join(_REGISTRY)}")
     kwargs = {}
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if f.name not in cls.not_arguments}
     for key, raw in (args or {}).items():
         if key not in known:
             choices = ", ".join(known) or "none"
             raise LocalkvError(f"policy {name} has no argument '{key}' (its arguments: {choices})")
         default = known[key].default
         try:
-            kwargs[key] = type(default)(raw) if not isinstance(default, bool) else raw.lower() in ("1", "true", "yes")
+            kwargs[key] = type(default)(raw) if not isinstance(default, bool) else _bool(raw)
         except ValueError:
             raise LocalkvError(f"policy argument {key}={raw!r} is not a valid {type(default).__name__}") from None
     return cls(**kwargs)
+
+
+def _bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)

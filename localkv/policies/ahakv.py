@@ -3,11 +3,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import capi
-from .base import PREFILL, Policy, avg_pool
+from .base import PREFILL, HeadAdaptive, avg_pool
 
 
 @dataclass
-class AhaKV(Policy):
+class AhaKV(HeadAdaptive):
     """AhaKV (Gu et al., 2025, arXiv 2506.03762): unbiased attention-driven eviction.
 
     Score of a token j = value prior x recent accumulation:

@@ -11,7 +11,7 @@ fixed spans of `span` positions), and the top-k itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -39,6 +39,7 @@ class LayerView:
     phase: str          # PREFILL or DECODE
     words: np.ndarray | None = None  # [n_head_kv, n_used] word id of each slot's token (localkv.words)
     used: np.ndarray | None = None   # [n_head_kv] slots each head holds (None: all n_used)
+    limit: np.ndarray | None = None  # [n_head_kv] the most a head may keep (its slots less the room asked for)
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -99,6 +100,8 @@ class Policy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     compresses: ClassVar[bool] = True
+    query_heads: ClassVar[bool] = False  # statistics per query head instead of summed per KV head
+    not_arguments: ClassVar[tuple[str, ...]] = ()  # inherited fields that do not apply to this policy
 
     sinks: int = 0       # the first `sinks` positions of the sequence are always kept
     window: int = 32     # the last `window` positions are always kept
@@ -132,6 +135,14 @@ class Policy:
 
     def after_compress(self, ctx) -> None:
         """Called once after every compression (e.g. to restart an accumulation)."""
+
+    def prepare(self, engine) -> None:
+        """Called once by the engine before it asks for capacities (a policy that needs the model, e.g. a
+        calibrated profile, loads it here)."""
+
+    def over(self, used: np.ndarray, targets: np.ndarray, limit: np.ndarray | None = None) -> bool:
+        """Whether a layer holding `used` tokens per head must be compressed to reach `targets`."""
+        return bool((used > targets).any())
 
     # --- shared -----------------------------------------------------------------------------
 
@@ -240,7 +251,73 @@ class Policy:
     @classmethod
     def arguments(cls) -> list[tuple[str, type, object]]:
         """(name, type, default) of every hyper-parameter."""
-        return [(f.name, f.type if isinstance(f.type, type) else type(f.default), f.default) for f in fields(cls)]
+        return [(f.name, f.type if isinstance(f.type, type) else type(f.default), f.default) for f in fields(cls)
+                if f.name not in cls.not_arguments]
+
+
+@dataclass
+class HeadAdaptive(Policy):
+    """A score-based policy whose heads can share their layer's budget by score (AdaKV's idea).
+
+    With `adaptive`, a layer keeps its best `sum of its heads' capacities` tokens over all its KV heads
+    together: every head first keeps its protected tokens and at least `adaptive_floor` x its capacity of its
+    own best, then the rest of the layer's budget goes to the best remaining scores wherever they are, so a
+    head that attends to a few tokens gives its share to one that spreads. Scores are compared across heads
+    as they are (each head's attention rows sum to one, so their scales agree). The total kept per layer, and
+    so the bytes, are those of the uniform split.
+    """
+
+    adaptive: bool = False
+    adaptive_floor: float = 0.2
+
+    def validate(self, budget):
+        super().validate(budget)
+        if not 0.0 <= self.adaptive_floor <= 1.0:
+            raise LocalkvError(f"adaptive_floor must be in [0, 1], got {self.adaptive_floor}")
+
+    def over(self, used, targets, limit=None):
+        if not self.adaptive:
+            return super().over(used, targets, limit)
+        return bool(used.sum() > targets.sum() or (limit is not None and (used > limit).any()))
+
+    def select(self, view):
+        if not self.adaptive:
+            return super().select(view)
+        limit = view.head_used if view.limit is None else np.minimum(view.limit, view.head_used)
+        if view.head_used.sum() <= view.head_capacity.sum() and (view.head_used <= limit).all():
+            return [np.arange(u, dtype=np.int32) for u in view.head_used]
+        return self.top_k(self.final_scores(view), view)
+
+    def top_k(self, scores, view):
+        if not self.adaptive:
+            return super().top_k(scores, view)
+        counts = adaptive_counts(scores, view.head_used, view.head_capacity, self.adaptive_floor,
+                                 view.head_used if view.limit is None else view.limit)
+        return super().top_k(scores, replace(view, capacity=counts))
+
+
+def adaptive_counts(scores: np.ndarray, used: np.ndarray, capacity: np.ndarray, floor: float,
+                    limit: np.ndarray) -> np.ndarray:
+    """Tokens each head keeps when the heads of a layer share sum(capacity) by score.
+
+    Each head first takes its +inf (protected) slots and ceil(floor x capacity) of its best; the rest of the
+    total goes to the best remaining slots of any head, no head past min(limit, used).
+    """
+    used = np.asarray(used, dtype=np.int64)
+    limit = np.minimum(np.asarray(limit, dtype=np.int64), used)
+    total = min(int(np.asarray(capacity).sum()), int(limit.sum()))
+    order = [np.argsort(-scores[h, :u], kind="stable") for h, u in enumerate(used.tolist())]
+    protected = np.array([int(np.isposinf(scores[h, :u]).sum()) for h, u in enumerate(used.tolist())])
+    base = np.minimum(limit, np.maximum(protected, np.ceil(floor * np.asarray(capacity)).astype(np.int64)))
+    if base.sum() > total:  # the floors alone overflow (a tiny budget): shrink the largest first
+        for _ in range(int(base.sum() - total)):
+            base[int(np.argmax(base))] -= 1
+    rest = total - int(base.sum())
+    # every head's slots past its floor, best first, pooled: the best `rest` of them win
+    cand_score = np.concatenate([scores[h, o[b:lim]] for h, (o, b, lim) in enumerate(zip(order, base, limit))])
+    cand_head = np.concatenate([np.full(max(lim - b, 0), h) for h, (b, lim) in enumerate(zip(base, limit))])
+    won = cand_head[np.argsort(-cand_score, kind="stable")[:rest]]
+    return base + np.bincount(won, minlength=len(used)).astype(np.int64)
 
 
 def top_k_slots(scores: np.ndarray, k: int) -> np.ndarray:

@@ -4,11 +4,11 @@ import numpy as np
 
 from .. import capi
 from ..errors import LocalkvError
-from .base import Policy
+from .base import HeadAdaptive
 
 
 @dataclass
-class H2O(Policy):
+class H2O(HeadAdaptive):
     """H2O, heavy-hitter oracle (Zhang et al., 2023, arXiv 2306.14048): accumulated attention of all queries.
 
     Score of a token: the attention it has received from every query since it

@@ -1,11 +1,11 @@
 from dataclasses import dataclass
 
 from .. import capi
-from .base import PREFILL, Policy, max_pool
+from .base import PREFILL, HeadAdaptive, max_pool
 
 
 @dataclass
-class SnapKV(Policy):
+class SnapKV(HeadAdaptive):
     """SnapKV (Li et al., 2024, arXiv 2404.14469): what the last prompt queries attend to.
 
     Score of a token: softmax attention from the last `window` queries (the
