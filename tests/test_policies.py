@@ -257,6 +257,8 @@ def _word_max(scores, words):
 
 # (policy, paper-exact): the paper's formula alone, or with the default that keeps words whole
 REFERENCE_CASES = [(n, exact) for n in ["streamingllm", "h2o", "snapkv", "pyramidkv", "ahakv"] for exact in (True, False)]
+# per-head capacities: calibrated (SurfaceLogicKV) or shared by score within a layer (adaptive=true)
+REFERENCE_CASES += [("surfacelogickv", True), ("snapkv:adaptive=true", True), ("ahakv:adaptive=true", True)]
 
 
 @pytest.mark.model
@@ -265,19 +267,24 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
     from conftest import make_engine
     from graph_dump import GraphDump
 
+    from localkv.bench.common import split_spec
+    from test_surfacelogickv import ref_adaptive
+
     dump = GraphDump({f"{t}cur-{il}" for t in "QKV" for il in LAYERS})
     budget = 48
     chosen = {}
+    name, extra = split_spec(name)
     # the reference selects layer by layer; cross-layer consensus (h2o's default) has its own test
     args = ({k: str(v) for k, v in policies.available()[name].paper_exact().items()} if exact
             else {"consensus": "0"})
+    args.update(extra)
     with make_engine(model_path, policy=name, budget=budget, chunk=256, eval_callback=dump.callback,
                      policy_args=args) as eng:
         pol = eng.policy
         orig_keep = capi.keep
 
         def record(ctx, i, slots):
-            chosen.setdefault(i, np.array(slots))
+            chosen.setdefault(i, [np.asarray(s) for s in slots])
             orig_keep(ctx, i, slots)
         capi.keep = record
         try:
@@ -287,22 +294,31 @@ def test_policy_matches_numpy_reference_on_real_tensors(model_path, name, exact)
             dump.end_pass()
         finally:
             capi.keep = orig_keep
-        caps = eng.capacities
+        head_caps = eng.head_capacities.reshape(-1, N_HEAD_KV)
         words = _reference_words([eng.model.piece(t) for t in tokens])
     n = len(tokens)
+    adaptive = getattr(pol, "adaptive", False)
     for il in LAYERS:
         q = dump.tensors[f"Qcur-{il}"][0].astype(np.float64)
         k = dump.tensors[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)   # the cache holds f16 keys
         v = dump.tensors[f"Vcur-{il}"][0]
-        scores = _reference_scores(name, q, k, v, caps[il], n, pol.pool, not exact and pol.whole_words, words)
+        ref_name = "snapkv" if name == "surfacelogickv" else name  # SnapKV inside each head
+        scores = _reference_scores(ref_name, q, k, v, head_caps[il][0], n, pol.pool, not exact and pol.whole_words,
+                                   words)
+        counts = list(head_caps[il])
+        if adaptive:  # the layer's heads share its budget: AdaKV's counts, within one token of fp noise
+            counts = ref_adaptive(scores, [n] * N_HEAD_KV, head_caps[il], pol.adaptive_floor)
+            got_counts = [len(chosen[il][h]) for h in range(N_HEAD_KV)]
+            assert sum(got_counts) == sum(counts) and max(abs(a - b) for a, b in zip(got_counts, counts)) <= 1
+            counts = got_counts
         for h in range(N_HEAD_KV):
-            got = chosen[il][h]
-            assert len(got) == caps[il] and len(set(got.tolist())) == caps[il]
-            want = (_reference_whole_top_k(scores[h], caps[il], words) if not exact and pol.whole_words
-                    else np.sort(np.argsort(-scores[h], kind="stable")[:caps[il]]))
+            got, cap = chosen[il][h], min(counts[h], n)  # a head whose share exceeds the prompt keeps it all
+            assert len(got) == cap and len(set(got.tolist())) == cap
+            want = (_reference_whole_top_k(scores[h], cap, words) if not exact and pol.whole_words
+                    else np.sort(np.argsort(-scores[h], kind="stable")[:cap]))
             if not np.array_equal(got, want):
                 # ties aside: a slot kept instead of the reference's choice must score the same (within fp noise)
-                kth = np.sort(scores[h])[::-1][caps[il] - 1]
+                kth = np.sort(scores[h])[::-1][cap - 1]
                 for x in set(got.tolist()) ^ set(want.tolist()):
                     assert abs(scores[h][x] - kth) <= 1e-3 * abs(kth) + 1e-6, f"layer {il} head {h} slot {x}"
 
