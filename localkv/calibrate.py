@@ -225,9 +225,10 @@ def find_profile(sha256: str) -> Path | None:
 
 def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: int = 0, shared_model=None,
               progress: Callable[[int, int], None] | None = None, record: list | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, sha256: str | None = None) -> dict:
     """Run the probes on a model and return its profile (not written). `record`, when a list, receives every
-    step's (attention rows, positions, needle positions, tokens, greedy token) per layer (tests).
+    step's (attention rows, positions, needle positions, tokens, greedy token) per layer (tests). `sha256`: the
+    model file's, when the caller already has it.
 
     The cache is localkv's compressed one with a budget larger than any probe: nothing is evicted, and the
     attention rows come from the same in-graph statistics every policy uses."""
@@ -260,7 +261,6 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
         surface = np.zeros((n_layers, n_head))
         logic = np.zeros((n_layers, n_head))
         items = make_probes(probes, seed, lambda s: len(eng.model.tokenize(s, add_special=False)))
-        used = 0
         for j, pr in enumerate(items):
             text = eng.model.chat_prompt([{"role": "user", "content": pr.context + "\n\n" + pr.question}])
             prompt = eng.model.tokenize(text + pr.answer_prefix, add_special=False, parse_special=True)
@@ -278,8 +278,10 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
             for t in range(len(answer)):
                 greedy = int(np.argmax(eng.last_logits()))
                 tok = np.asarray(tokens)
+                cap, _alloc, held = capi.cache_state(eng.ctx)  # once per step, not once per layer
                 for i in range(n_layers):
-                    view = eng.layer_view(i, DECODE)
+                    heads = eng._heads_of(i)
+                    view = eng.layer_view(i, DECODE, capacity=cap[heads], used=held[heads])
                     att = view.stat(capi.STAT_LAST, per_kv_head=False)
                     pos = np.repeat(view.positions, n_head // view.n_head_kv, axis=0)
                     s, lg = step_scores(att, pos, needle, tok, greedy)
@@ -290,17 +292,16 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
                 if t + 1 < len(answer):
                     eng.step(answer[t])
                     tokens.append(answer[t])
-            used += 1
             if progress:
                 progress(j + 1, len(items))
-        sha = models.file_sha256(eng.model_path)
+        sha = sha256 or models.file_sha256(eng.model_path)
         return {
             "format": PROFILE_FORMAT, "kind": PROFILE_KIND, "model": Path(eng.model_path).name,
             "model_sha256": sha, "n_layer": n_layers, "n_head": n_head, "kv_heads": list(eng.kv_heads),
-            "probes": used, "seed": seed, "probe_lengths": list(PROBE_LENGTHS),
+            "probes": len(items), "seed": seed, "probe_lengths": list(PROBE_LENGTHS),
             "seconds": round(time.perf_counter() - t0, 1),
             "created": datetime.date.today().isoformat(),
-            "surface": surface / used, "logic": logic / used,
+            "surface": surface / len(items), "logic": logic / len(items),
         }
     finally:
         eng.close()
@@ -317,7 +318,7 @@ def load_or_calibrate(engine, progress: Callable[[int, int], None] | None = None
     path = user_profile_path(sha)
     print(f"localkv: no {PROFILE_KIND} profile for {Path(engine.model_path).name} yet: calibrating it once on "
           f"{DEFAULT_PROBES} local probes (a few minutes), saved to {path}", file=sys.stderr)
-    profile = calibrate(shared_model=engine.model, probes=DEFAULT_PROBES, progress=progress)
+    profile = calibrate(shared_model=engine.model, probes=DEFAULT_PROBES, progress=progress, sha256=sha)
     write_profile(profile, path)
     return read_profile(path, sha, shape), path
 

@@ -284,7 +284,7 @@ def calibrate(
                           TextColumn("{task.completed}/{task.total} probes"), TimeElapsedColumn(),
                           disable=not sys.stderr.isatty(), console=err, transient=True) as bar:
                 task = bar.add_task(path.name, total=probes)
-                prof = cal.calibrate(str(path), probes=probes, seed=seed, threads=threads,
+                prof = cal.calibrate(str(path), probes=probes, seed=seed, threads=threads, sha256=sha,
                                      progress=lambda done, _n: bar.update(task, completed=done))
             found = cal.user_profile_path(sha)
             cal.write_profile(prof, found)

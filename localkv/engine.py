@@ -364,11 +364,17 @@ class Engine:
         return did
 
     def _layers_over(self, used, targets, limits=None) -> list[int]:
-        """The cached layers the policy must compress to bring `used` to `targets` (per head, or per layer for a
-        policy whose heads share their layer's budget)."""
-        return [i for i in range(len(self.kv_layers))
-                if self.policy.over(used[self._heads_of(i)], targets[self._heads_of(i)],
-                                    None if limits is None else limits[self._heads_of(i)])]
+        """The cached layers the policy must compress to bring `used` to `targets`: a head over its target, or,
+        for a policy whose heads share their layer's budget, the layer's total over its total or a head past
+        its limit (vectorised: step() asks after every token)."""
+        first = self._head0[:-1]
+        if self.policy.shares_layer_budget:
+            over = np.add.reduceat(used, first) > np.add.reduceat(targets, first)
+            if limits is not None:
+                over |= np.logical_or.reduceat(used > limits, first)
+        else:
+            over = np.logical_or.reduceat(used > targets, first)
+        return np.flatnonzero(over).tolist()
 
     def graphs_reused(self) -> int:
         """Compute graphs llama.cpp reused instead of building anew (its own performance counter)."""

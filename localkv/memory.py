@@ -27,11 +27,16 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def uneven_heads(rep: MemoryReport) -> bool:
+    """Whether some layer's KV heads keep different numbers of tokens (per-head budgets)."""
+    return any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in rep.layers)
+
+
 def layer_table(rep: MemoryReport) -> Table:
     title = (f"KV cache of {Path(rep.model).name}: policy {rep.policy}"
              + (f", budget {rep.budget}" if rep.budget else "") + f", K {rep.cache_type_k} / V {rep.cache_type_v}")
     t = Table(title=title)
-    uneven = any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in rep.layers)
+    uneven = uneven_heads(rep)
     for col in ("layer", "K", "V", "tokens/head") + (("tokens per KV head",) if uneven else ()):
         t.add_column(col, justify="right")
     for lm in rep.layers:
@@ -95,11 +100,10 @@ def plot(reports: list[MemoryReport], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    check_png_path(path)
     n_layers = len(reports[0].layers)
     x = np.arange(n_layers)
     width = 0.8 / len(reports)
-    uneven = [r for r in reports if any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in r.layers)]
+    uneven = [r for r in reports if uneven_heads(r)]
     if uneven:  # a second panel: tokens kept by every (layer, KV head)
         fig, (ax, hx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
         caps = np.array([lm.head_capacities for lm in uneven[0].layers], dtype=float)

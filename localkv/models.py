@@ -258,17 +258,24 @@ def _write_sidecar(target: Path, sha256: str) -> None:
     os.replace(tmp, _sidecar(target))
 
 
-def _trusted(target: Path, sha256: str) -> bool:
-    """The sidecar vouches for this exact file: same size, mtime and hash."""
+def _sidecar_sha(target: Path) -> str | None:
+    """The sha256 the sidecar records, if it vouches for this exact file (same size and mtime)."""
     record = _read_sidecar(target)
     if record is None:
-        return False
+        return None
     try:
         st = target.stat()
     except OSError:
-        return False
-    return (record.get("size"), record.get("mtime_ns"), record.get("sha256")) == (
-        st.st_size, st.st_mtime_ns, sha256)
+        return None
+    if (record.get("size"), record.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
+        return None
+    sha = record.get("sha256")
+    return sha if isinstance(sha, str) else None
+
+
+def _trusted(target: Path, sha256: str) -> bool:
+    """The sidecar vouches for this exact file: same size, mtime and hash."""
+    return _sidecar_sha(target) == sha256
 
 
 def _new_hasher() -> Any:
@@ -287,19 +294,24 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256 of files hashed by this process
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a model file: from its `.verified` sidecar when that vouches for this exact file (same size and
-    mtime), else hashed now (a second or two per GB)."""
+    mtime), else hashed (a second or two per GB) once per process."""
     target = Path(path)
-    record = _read_sidecar(target)
     try:
         st = target.stat()
     except OSError as e:
         raise LocalkvError(f"cannot read model file {target}: {e.strerror}") from None
-    if record and (record.get("size"), record.get("mtime_ns")) == (st.st_size, st.st_mtime_ns) \
-            and isinstance(record.get("sha256"), str):
-        return record["sha256"]
-    return _hash_file(target)
+    sha = _sidecar_sha(target)
+    if sha is not None:
+        return sha
+    key = (str(target.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _hash_file(target)
+    return _HASHED[key]
 
 
 def _discard(target: Path) -> None:

@@ -140,9 +140,10 @@ class Policy:
         """Called once by the engine before it asks for capacities (a policy that needs the model, e.g. a
         calibrated profile, loads it here)."""
 
-    def over(self, used: np.ndarray, targets: np.ndarray, limit: np.ndarray | None = None) -> bool:
-        """Whether a layer holding `used` tokens per head must be compressed to reach `targets`."""
-        return bool((used > targets).any())
+    @property
+    def shares_layer_budget(self) -> bool:
+        """Whether a layer's heads share its total budget (compress when the layer's total is over, not a head)."""
+        return False
 
     # --- shared -----------------------------------------------------------------------------
 
@@ -275,10 +276,9 @@ class HeadAdaptive(Policy):
         if not 0.0 <= self.adaptive_floor <= 1.0:
             raise LocalkvError(f"adaptive_floor must be in [0, 1], got {self.adaptive_floor}")
 
-    def over(self, used, targets, limit=None):
-        if not self.adaptive:
-            return super().over(used, targets, limit)
-        return bool(used.sum() > targets.sum() or (limit is not None and (used > limit).any()))
+    @property
+    def shares_layer_budget(self):
+        return self.adaptive
 
     def select(self, view):
         if not self.adaptive:
