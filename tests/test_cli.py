@@ -201,10 +201,13 @@ def test_calibrate_bad_input():
 
 def test_memory_shows_uneven_heads_for_surfacelogickv(tmp_path):
     png = tmp_path / "mem.png"
-    rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--plot", str(png))
-    assert rc == 0, err
-    assert "tokens per KV head" in out and "6144 in all = 128 per KV head" in out
     rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--json")
     rep = json.loads(out)
     heads = [c for lm in rep["layers"] for c in lm["head_capacities"]]
     assert sum(heads) == 128 * 48 and len(set(heads)) > 5
+    rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--plot", str(png))
+    assert rc == 0, err
+    assert "tokens per KV head" in out and "6144 in all = 128 per KV head" in out
+    for lm in rep["layers"]:  # every layer's row lists its heads' capacities
+        assert " ".join(map(str, lm["head_capacities"])) in out
+    assert png.stat().st_size > 10_000

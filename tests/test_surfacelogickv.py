@@ -211,6 +211,24 @@ def test_adaptive_and_surfacelogickv_arguments_are_checked():
         create("streamingllm", {"adaptive": "true"})
 
 
+def test_a_layer_whose_heads_share_its_budget_is_over_only_as_a_whole():
+    from types import SimpleNamespace
+
+    from localkv.engine import Engine
+    used = np.array([200, 40, 100, 100, 150, 150])
+    targets = np.full(6, 128)
+    limits = np.array([300, 300, 300, 300, 300, 140])
+
+    def over(args, lim=None):
+        eng = SimpleNamespace(_head0=np.array([0, 2, 4, 6]), policy=create("snapkv", args))
+        return Engine._layers_over(eng, used, targets, lim)
+    assert over({}) == [0, 2]                          # a head over its own target
+    assert over({"adaptive": "true"}) == [2]           # only the layer whose total is over (300 > 256)
+    assert over({"adaptive": "true"}, limits) == [2]
+    limits[1] = 30                                     # a head past its slots less the room asked for
+    assert over({"adaptive": "true"}, limits) == [0, 2]
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("policy", ["snapkv", "ahakv", "h2o", "pyramidkv"])
 def test_adaptive_engine_holds_each_layers_total_and_answers(model_path, policy):
