@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -23,7 +23,8 @@ STAT_ACC = 2
 STAT_LAST = 3
 STAT_VNORM = 4
 STAT_ACC_ADAPTIVE = 5
-STAT_COUNT = 6
+STAT_MAX = 6  # running max over observed queries and GQA group heads (KVzip's reconstruction score)
+STAT_COUNT = 7
 # set_stats flag: statistics per query head instead of summed per KV head (tests, analysis)
 STATS_QUERY_HEADS = 1 << 31
 
@@ -71,6 +72,7 @@ _SIGNATURES = {
     "llama_localkv_enabled": (c_int32, [c_void_p]),
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
+    "llama_localkv_set_hidden": (c_int32, [c_void_p, c_int32, c_int32]),
     "llama_localkv_cache_state": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32), c_size_t]),
     "llama_localkv_get_positions": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_size_t]),
     "llama_localkv_get_stat": (c_int32, [c_void_p, c_int32, c_int32, c_bool, POINTER(c_float), c_size_t]),
@@ -164,6 +166,11 @@ def set_stats(ctx, stats, window: int = 32, query_heads: bool = False) -> None:
 
 def clear_stat(ctx, stat: int) -> None:
     _check("clear_stat", lib.llama_localkv_clear_stat(ctx, stat))
+
+
+def set_hidden(ctx, p0: int = 0, p1: int = 0) -> None:
+    """Hide positions [p0, p1) from the queries of the next decodes (attention and statistics); p0 >= p1: none."""
+    _check("set_hidden", lib.llama_localkv_set_hidden(ctx, int(p0), int(p1)))
 
 
 def cache_state(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
