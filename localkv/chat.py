@@ -27,6 +27,19 @@ HELP = """commands:
   /exit            leave (Ctrl-D too); Ctrl-C stops a reply"""
 
 
+def chat_policy_args(policy: str, items: list[str] | None) -> list[str]:
+    """A chat's earlier turns are compressed before the later questions exist: a policy that can replay
+    them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in the README:
+    SnapKV keeps no fact of an earlier turn at a quarter of the conversation without it)."""
+    from .policies import available
+    items = list(items or [])
+    cls = available().get(policy)
+    fields_ = getattr(cls, "__dataclass_fields__", {})
+    if "replay" in fields_ and not any(i.partition("=")[0].strip() == "replay" for i in items):
+        items.append("replay=true")
+    return items
+
+
 def load_conversation(path: str) -> list[dict]:
     """Messages from a /save file, checked; LocalkvError if unreadable or malformed."""
     try:

@@ -159,9 +159,10 @@ def chat(
     gpu_layers: int = GpuLayersOpt,
 ):
     """Interactive chat with streaming replies (also reads turns from a pipe). /help lists commands."""
-    from .chat import ChatSession
+    from .chat import ChatSession, chat_policy_args
     run_guarded(lambda: ChatSession(
-        lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
+        lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget),
+                             chat_policy_args(kw.get("policy", policy), policy_arg), ctx,
                              cache_type_k, cache_type_v, threads, gpu_layers, **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
         policy=policy, budget=budget, out=out, err=err).run())

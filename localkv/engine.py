@@ -229,6 +229,14 @@ class Engine:
         self.reallocations = 0  # resizes of the compressed cache (growing for a prompt, shrinking at rest)
         self.compress_seconds = 0.0
         self._stats_phase: tuple | str | None = None
+        # reconstruction (KVzip): the tokens at the end of the cache not replayed yet, and the last replayed
+        # span's final tokens (a later replay starts from them)
+        self._unscored: list[int] = []
+        self._span_tail: list[int] = []
+        self._replay_turn: tuple[str, str] | None = None
+        self.replays = 0
+        self.replay_tokens = 0
+        self.replay_seconds = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -258,6 +266,7 @@ class Engine:
         self.n_past = 0
         self._words.reset()
         self._history_text = ""
+        self._unscored, self._span_tail = [], []
 
     # ---------------------------------------------------------------- compression
 
@@ -312,6 +321,11 @@ class Engine:
         """KV bytes a compressed cache holds while a prompt of `tokens` tokens goes in (its largest size)."""
         if not self.compressing:
             return capi.memory_bytes(self.ctx)
+        if self.policy.reconstructs:
+            # what was kept before the last span, the span, and its replay (a prefix of under 64 tokens)
+            span = min(tokens, self.policy.replay_chunk)
+            return int(sum(b * pad_slots(min(cap, tokens - span) + 2 * span + 64 + 1)
+                           for b, cap in zip(self._slot_bytes, self.head_capacities)))
         return int(sum(b * pad_slots(min(limit, tokens + self.chunk)) for b, limit in zip(self._slot_bytes, self._prefill_limits)))
 
     def _make_room(self, n: int, phase: str, targets=None) -> None:
@@ -325,6 +339,9 @@ class Engine:
         if (used + n <= alloc).all():
             return
         limits = self._prefill_limits if phase == PREFILL else self.head_capacities + self.decode_interval
+        if phase == DECODE and self.policy.shares_model_budget:
+            # heads keep different counts under one total: each may grow by an interval (step() holds the total)
+            limits = np.maximum(limits, used + self.decode_interval)
         self._resize(np.maximum(alloc, np.minimum(limits, used + n + self.chunk)), alloc)
         self.compress(phase, room=n, targets=targets)
 
@@ -368,6 +385,9 @@ class Engine:
         for a policy whose heads share their layer's budget, the layer's total over its total or a head past
         its limit (vectorised: step() asks after every token)."""
         first = self._head0[:-1]
+        if self.policy.shares_model_budget:
+            over = used.sum() > targets.sum() or (limits is not None and bool((used > limits).any()))
+            return list(range(len(first))) if over else []
         if self.policy.shares_layer_budget:
             over = np.add.reduceat(used, first) > np.add.reduceat(targets, first)
             if limits is not None:
@@ -393,12 +413,20 @@ class Engine:
     # ---------------------------------------------------------------- decoding
 
     def _decode(self, tokens: list[int], want_logits: bool, all_logits: bool = False) -> None:
+        self._run_batch(tokens, self.n_past, want_logits, all_logits)
+        self._words.extend(tokens)
+        self.n_past += len(tokens)
+        if self.policy.reconstructs:
+            self._unscored.extend(tokens)
+
+    def _run_batch(self, tokens: list[int], pos0: int, want_logits: bool, all_logits: bool = False) -> None:
+        """One llama_decode of tokens at positions pos0.. (the engine's bookkeeping is _decode's)."""
         n = len(tokens)
         batch = ll.llama_batch_init(n, 0, 1)
         try:
             for i, t in enumerate(tokens):
                 batch.token[i] = t
-                batch.pos[i] = self.n_past + i
+                batch.pos[i] = pos0 + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_logits or (want_logits and i == n - 1)
@@ -407,9 +435,7 @@ class Engine:
         finally:
             ll.llama_batch_free(batch)
         if rc != 0:
-            raise LocalkvError(f"llama_decode failed with code {rc} at position {self.n_past}: {last_log_error()}")
-        self._words.extend(tokens)
-        self.n_past += n
+            raise LocalkvError(f"llama_decode failed with code {rc} at position {pos0}: {last_log_error()}")
 
     def _chunks(self, tokens: list[int]) -> list[list[int]]:
         """Chunks of at most n_batch; the last is at least the observation window when possible."""
@@ -438,6 +464,9 @@ class Engine:
             raise LocalkvError(
                 f"the prompt needs {self.n_past + len(tokens)} tokens but the context holds {self.n_ctx}: "
                 f"raise --ctx (the model supports {self.shape.n_ctx_train}) or use a compressing policy with --budget")
+        if self.compressing and self.policy.reconstructs:
+            self._feed_replayed(tokens, want_logits)
+            return
         chunks = self._chunks(tokens)
         for j, chunk in enumerate(chunks):
             if self.compressing:
@@ -451,6 +480,96 @@ class Engine:
         if self.compressing:
             self.compress(PREFILL)
             self._settle()
+
+    # ---------------------------------------------------------------- reconstruction (KVzip)
+
+    def _grow(self, n: int) -> None:
+        """Slots for n more tokens in every head, without compressing."""
+        _cap, alloc, used = capi.cache_state(self.ctx)
+        if (used + n > alloc).any():
+            self._resize(np.maximum(alloc, used + n), alloc)
+
+    def _feed_replayed(self, tokens: list[int], want_logits: bool) -> None:
+        """Prefill for a policy that scores by reconstruction: span by span, each replayed once it is read.
+
+        Before a span everything held has been replayed, so the cache first goes down to the budget: the
+        working set is the budget plus one span and its replay. The last token is decoded after the last
+        replay (a replay overwrites the logits), before the final compression.
+        """
+        span = self.policy.replay_chunk
+        body, last = tokens[:-1], tokens[-1:]
+        if len(self._unscored) >= span:
+            self.reconstruct()
+        at = 0
+        while at < len(body):
+            piece = body[at:at + max(1, span - len(self._unscored))]
+            at += len(piece)
+            if not self._unscored:
+                self.compress(PREFILL)
+            # the piece, then its replay: the prefix, what was not replayed yet and the piece again
+            self._grow(len(piece) + len(self._replay_prefix()) + len(self._unscored) + len(piece) + 1)
+            chunks = self._chunks(piece)
+            for j, chunk in enumerate(chunks):  # a policy's own window statistic sees each span's end
+                self._set_phase(PREFILL, observe=j == len(chunks) - 1)
+                self._decode(chunk, False)
+            self.reconstruct()
+        self._grow(1)
+        self._set_phase(PREFILL, observe=False)
+        self._decode(last, want_logits)
+        self.compress(PREFILL)
+        self._settle()
+
+    def _replay_prefix(self) -> list[int]:
+        """The replay's instruction in a user turn of the model's template, then the assistant prefix."""
+        if self._replay_turn is None:
+            marks = ("@@LKV1@@", "@@LKV2@@", "@@LKV3@@")
+            text = self.model.chat_prompt([{"role": "user", "content": marks[0]},
+                                           {"role": "assistant", "content": marks[1]},
+                                           {"role": "user", "content": marks[2]}])
+            at = [text.find(m) for m in marks]
+            if min(at) >= 0 and at[0] < at[1] < at[2]:
+                self._replay_turn = (text[at[1] + len(marks[1]):at[2]], text[at[2] + len(marks[2]):])
+            else:  # no usable template: a plain transcript
+                self._replay_turn = ("\n\nuser: ", "\nassistant: ")
+        opening, closing = self._replay_turn
+        if self._span_tail:
+            tail = b"".join(self.model.piece(t) for t in self._span_tail).decode("utf-8", errors="replace")
+            instruction = f'Repeat the part of the previous context exactly, starting with "{tail}".'
+        else:
+            instruction = "Repeat the previous context exactly."
+        return self.model.tokenize(opening + instruction + closing, parse_special=True)
+
+    def reconstruct(self) -> None:
+        """Score the tokens not replayed yet by how much rebuilding them needs each kept token (KVzip).
+
+        Feeds, after them, the replay prefix and the tokens again (teacher-forced), with every position
+        between the sinks and the span hidden; STAT_MAX keeps, per (layer, KV head, slot), the most
+        attention any replay query of the group gave it. Then the replay leaves the cache: the positions
+        and the next token's output are as if it had never been fed.
+        """
+        span = self._unscored
+        if not self.compressing or not span:
+            return
+        t0 = time.perf_counter()
+        start = self.n_past - len(span)
+        replay = self._replay_prefix() + span
+        self._grow(len(replay))
+        capi.set_hidden(self.ctx, min(self.policy.sinks, start), start)
+        capi.set_stats(self.ctx, {capi.STAT_MAX}, self.n_batch, query_heads=self.policy.query_heads)
+        self._stats_phase = None
+        try:
+            for i in range(0, len(replay), self.n_batch):
+                self._run_batch(replay[i:i + self.n_batch], self.n_past + i, False)
+        finally:
+            capi.set_hidden(self.ctx, 0, 0)
+            capi.set_stats(self.ctx, set(), query_heads=self.policy.query_heads)
+            if not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, self.n_past, -1):
+                raise LocalkvError("could not remove the replay from the compressed cache")
+        self._span_tail = span[-8:]
+        self._unscored = []
+        self.replays += 1
+        self.replay_tokens += len(replay)
+        self.replay_seconds += time.perf_counter() - t0
 
     def log_probs(self, tokens: list[int]) -> np.ndarray:
         """Teacher-forced log-probabilities [len(tokens), n_vocab] of the next token after each of `tokens`.
@@ -466,6 +585,9 @@ class Engine:
         for i in range(0, len(tokens), self.n_batch):
             chunk = tokens[i:i + self.n_batch]
             if self.compressing:
+                if self.policy.reconstructs:  # what a compression may drop is scored first
+                    self.reconstruct()
+                    self._set_phase(PREFILL)
                 self._make_room(len(chunk), PREFILL)
             self._decode(chunk, True, all_logits=True)
             logits = np.ctypeslib.as_array(ll.llama_get_logits(self.ctx), shape=(len(chunk), n_vocab))

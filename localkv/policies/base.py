@@ -145,6 +145,23 @@ class Policy:
         """Whether a layer's heads share its total budget (compress when the layer's total is over, not a head)."""
         return False
 
+    @property
+    def reconstructs(self) -> bool:
+        """Whether the engine replays every span of the prompt to score it by reconstruction (KVzip's STAT_MAX;
+        Engine.reconstruct), in spans of `replay_chunk` tokens."""
+        return False
+
+    replay_chunk: ClassVar[int] = 2048  # tokens rebuilt by one replay (KVzip: about 2K)
+
+    def ranked_score(self, view: LayerView) -> np.ndarray:
+        """What the top-k ranks before keep_whole: the policy's score (see HeadAdaptive.replay)."""
+        return self.score(view)
+
+    @property
+    def shares_model_budget(self) -> bool:
+        """Whether every head of the model shares one total budget (compress every layer when it is over)."""
+        return False
+
     # --- shared -----------------------------------------------------------------------------
 
     def min_budget(self) -> int:
@@ -194,7 +211,7 @@ class Policy:
     def final_scores(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] what the top-k ranks: the policy's score, kept whole, protected slots at +inf
         (and -inf past a head's own count)."""
-        scores = np.asarray(self.score(view), dtype=np.float64)
+        scores = np.asarray(self.ranked_score(view), dtype=np.float64)
         scores = np.where(np.isnan(scores), -np.inf, scores)
         valid = view.valid
         scores = self.keep_whole(np.where(valid, scores, -np.inf), view)
@@ -270,6 +287,21 @@ class HeadAdaptive(Policy):
 
     adaptive: bool = False
     adaptive_floor: float = 0.2
+    # replay every span (KVzip's reconstruction) and keep a token that either the replay or the policy's own
+    # score needs: the rank is the larger of the two, each divided by its head's largest
+    replay: bool = False
+
+    @property
+    def reconstructs(self):
+        return self.replay
+
+    def ranked_score(self, view):
+        own = np.asarray(self.score(view), dtype=np.float64)
+        if not self.replay:
+            return own
+        rebuilt = view.stat(capi.STAT_MAX).astype(np.float64)
+        top = lambda x: np.maximum(np.where(view.valid, x, 0).max(axis=1, keepdims=True), 1e-30)  # noqa: E731
+        return np.maximum(own / top(own), rebuilt / top(rebuilt))
 
     def validate(self, budget):
         super().validate(budget)

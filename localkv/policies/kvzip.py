@@ -1,0 +1,79 @@
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .. import capi
+from ..errors import LocalkvError
+from .base import PREFILL, Policy, adaptive_counts
+
+
+@dataclass
+class KVzip(Policy):
+    """KVzip (Kim et al., 2025, arXiv 2505.23416): keep what the model needs to rebuild the context.
+
+    After a span of at most `replay_chunk` tokens is read (a prompt chunk, a chat turn), the engine
+    feeds a replay: an instruction to repeat the previous context (for later spans: the part starting
+    with the previous span's last 8 tokens), the template's assistant prefix, then the span's own tokens,
+    teacher-forced. Its queries see only the first `sinks` tokens, the span and themselves (hidden
+    positions), and each (layer, KV head, token) of the span scores the maximum attention it gets over
+    the replay's queries and its GQA group's query heads (STAT_MAX, computed in the graph). The replay
+    then leaves the cache and positions go on as if it had never been there. The scores do not depend
+    on any question, so a fact survives a compression that happens before it is asked for.
+
+    Selection: one threshold over every layer and KV head (the paper's default: heads keep different
+    numbers of tokens, the total is the uniform split's), each head keeping at least `head_floor` x its
+    capacity; `layerwise=true` is the top-k per KV head. While decoding, tokens not yet replayed score
+    the largest attention a decoded query gave them, and are replayed with the next span.
+    """
+
+    name = "kvzip"
+    summary = "query-agnostic: attention of a replay that rebuilds the context, one threshold over all heads"
+    reconstructs = True  # (a class attribute over Policy's property)
+
+    sinks: int = 4
+    window: int = 16
+    replay_chunk: int = 2048   # tokens rebuilt by one replay (KVzip: about 2K); a field here, an argument
+    layerwise: bool = False    # top-k per KV head instead of one threshold over all heads and layers
+    head_floor: float = 0.1    # global threshold: each head keeps at least this fraction of its capacity
+
+    def needs(self, phase):
+        return set() if phase == PREFILL else {capi.STAT_MAX}
+
+    def obs_window(self, phase):
+        return 1
+
+    def validate(self, budget):
+        super().validate(budget)
+        if self.replay_chunk < 16:
+            raise LocalkvError(f"replay_chunk must be at least 16, got {self.replay_chunk}")
+        if not 0.0 <= self.head_floor <= 1.0:
+            raise LocalkvError(f"head_floor must be in [0, 1], got {self.head_floor}")
+
+    @property
+    def shares_model_budget(self):
+        return not self.layerwise
+
+    def score(self, view):
+        return view.stat(capi.STAT_MAX)
+
+    def select_layers(self, views):
+        if self.layerwise or not views:
+            return super().select_layers(views)
+        # one threshold: every head's protected slots and floor first, then the best scores anywhere
+        scores = [self.final_scores(v) for v in views]
+        heads = [(vi, h) for vi, v in enumerate(views) for h in range(v.n_head_kv)]
+        used = np.array([views[vi].head_used[h] for vi, h in heads], dtype=np.int64)
+        cap = np.array([views[vi].head_capacity[h] for vi, h in heads], dtype=np.int64)
+        limit = np.array([views[vi].head_used[h] if views[vi].limit is None else views[vi].limit[h]
+                          for vi, h in heads], dtype=np.int64)
+        flat = np.full((len(heads), max(used.max(initial=0), 1)), -np.inf)
+        for k, (vi, h) in enumerate(heads):
+            flat[k, :used[k]] = scores[vi][h, :used[k]]
+        # AdaKV's sharing of a layer's budget, over every head of the model at once
+        counts = adaptive_counts(flat, used, cap, self.head_floor, limit)
+        out, k = [], 0
+        for vi, v in enumerate(views):
+            out.append(self.top_k(scores[vi], replace(v, capacity=counts[k:k + v.n_head_kv])))
+            k += v.n_head_kv
+        return out
+
