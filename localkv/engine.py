@@ -507,12 +507,13 @@ class Engine:
             if not self._unscored:
                 self.compress(PREFILL)
             # the piece, then its replay: the prefix, what was not replayed yet and the piece again
-            self._grow(len(piece) + len(self._replay_prefix()) + len(self._unscored) + len(piece) + 1)
+            prefix = self._replay_prefix()
+            self._grow(len(piece) + len(prefix) + len(self._unscored) + len(piece) + 1)
             chunks = self._chunks(piece)
             for j, chunk in enumerate(chunks):  # a policy's own window statistic sees each span's end
                 self._set_phase(PREFILL, observe=j == len(chunks) - 1)
                 self._decode(chunk, False)
-            self.reconstruct()
+            self.reconstruct(prefix)
         self._grow(1)
         self._set_phase(PREFILL, observe=False)
         self._decode(last, want_logits)
@@ -539,7 +540,7 @@ class Engine:
             instruction = "Repeat the previous context exactly."
         return self.model.tokenize(opening + instruction + closing, parse_special=True)
 
-    def reconstruct(self) -> None:
+    def reconstruct(self, prefix: list[int] | None = None) -> None:
         """Score the tokens not replayed yet by how much rebuilding them needs each kept token (KVzip).
 
         Feeds, after them, the replay prefix and the tokens again (teacher-forced), with every position
@@ -552,7 +553,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         start = self.n_past - len(span)
-        replay = self._replay_prefix() + span
+        replay = (prefix if prefix is not None else self._replay_prefix()) + span
         self._grow(len(replay))
         capi.set_hidden(self.ctx, min(self.policy.sinks, start), start)
         capi.set_stats(self.ctx, {capi.STAT_MAX}, self.n_batch, query_heads=self.policy.query_heads)
