@@ -122,6 +122,60 @@ def test_kvpress_table_pairs_each_press_with_our_policy():
     assert rows == ["| passkey | 2048 | aware | snapkv | 128 | 1.00 | 0.50 | 1.0 | 3.0 |"]
 
 
+def test_kvpress_table_counts_what_a_masking_press_keeps_and_lists_presses_without_a_policy():
+    from rich.console import Console
+    import io
+    from localkv.bench.report import kvpress_table
+
+    def rec(policy, acc, sample):
+        return {"config": {"task": "passkey", "length": 2048, "setting": "agnostic", "policy": policy,
+                           "budget": 256, "ctk": "f16"}, "result": {"accuracy": acc, "samples": [sample]}}
+    buf = io.StringIO()
+    kvpress_table([rec("kvzip", 1.0, {"kv_bytes_allocated": 2**20}),
+                   rec("kvpress:kvzip", 0.5, {"kv_bytes_allocated": 8 * 2**20, "kv_bytes_kept": 2 * 2**20}),
+                   rec("kvpress:keydiff", 0.0, {"kv_bytes_allocated": 2**21})], Console(file=buf, width=300),
+                  markdown=True)
+    rows = [l for l in buf.getvalue().splitlines() if l.startswith("| passkey")]
+    assert rows == ["| passkey | 2048 | agnostic | keydiff | 256 | - | 0.00 | - | 2.0 |",
+                    "| passkey | 2048 | agnostic | kvzip | 256 | 1.00 | 0.50 | 1.0 | 2.0 |"]
+
+
+def test_kvpress_presses_wrap_and_masked_entries_are_not_counted():
+    from types import SimpleNamespace as NS
+    import numpy as np
+    from localkv.bench.kvpress_anchor import PRESSES, _entries_kept, make_press
+
+    class Press:
+        def __init__(self, inner=None, compression_ratio=None):
+            self.inner, self.compression_ratio = inner, compression_ratio
+    fake = NS(KVzipPress=Press, KeyDiffPress=Press, AdaKVPress=Press, ExpectedAttentionPress=Press)
+    ada = make_press(fake, "adakv-expected", 0.75)
+    assert ada.inner.compression_ratio == 0.75 and ada.compression_ratio is None  # AdaKV wraps the scorer
+    assert make_press(fake, "kvzip", 0.5).compression_ratio == 0.5
+    assert set(PRESSES) >= {"kvzip", "keydiff", "adakv-expected"}
+    # two layers of [batch 1, 2 KV heads, 10 tokens]; the second masks 3 entries
+    cache = NS(layers=[NS(keys=np.zeros((1, 2, 10, 4))), NS(keys=np.zeros((1, 2, 10, 4)))])
+    model = NS(model=NS(layers=[NS(self_attn=NS()),
+                                NS(self_attn=NS(masked_key_indices=([0, 0, 0], [0, 1, 1], [3, 4, 5])))]))
+    assert _entries_kept(model, cache) == 40 - 3
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "passkey", "fact_code"])
+def test_chat_setting_tells_the_whole_document_over_turns(task):
+    from localkv.bench.quality import CHAT_OPENERS, CHAT_TURNS, chat_turns
+    s = tasks.make_sample(task, 1500, 0.3, 7, fake_tokenize)
+    turns = chat_turns(s.context)
+    assert len(turns) == CHAT_TURNS
+    bodies = []
+    for turn, opener in zip(turns, CHAT_OPENERS):
+        assert turn.startswith(opener + " ")
+        bodies.append(turn[len(opener) + 1:])
+    assert " ".join(bodies).split() == s.context.split()  # all of it, in order, nothing added
+    for fact in s.expected:  # every needle is told, in exactly one turn
+        assert sum(fact in t for t in turns) == 1
+    assert max(map(len, bodies)) < 2 * min(map(len, bodies))  # about equal parts
+
+
 def test_fact_family_expands_and_detects_broken_facts():
     assert tasks.expand_tasks(["facts", "fact_code", "passkey"]) == list(tasks.FACT_TASKS) + ["passkey"]
     with pytest.raises(ValueError, match="unknown task 'fact_zip'"):

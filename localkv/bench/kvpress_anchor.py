@@ -8,7 +8,16 @@ the prefill with the press that matches one of our policies:
     h2o          -> ObservedAttentionPress (eager attention)
     pyramidkv    -> PyramidKVPress      full      -> no press
 
-with each press's own defaults. kvpress takes a compression ratio, not a budget:
+and its query-agnostic presses, which score the context before any question:
+
+    kvzip        -> KVzipPress (context reconstruction; one threshold over all heads, as our kvzip)
+    keydiff      -> KeyDiffPress (key similarity to the mean key)
+    adakv-expected -> AdaKVPress over ExpectedAttentionPress (per-head budgets from expected attention)
+
+with each press's own defaults. KVzipPress and AdaKVPress keep every head's
+cache and mask the dropped entries instead (kvpress's "fake compression"), so
+their rows report the entries kept (kv_entries_kept) and the bytes those would
+take in kvpress's float32 (kv_bytes_kept) beside what was allocated. kvpress takes a compression ratio, not a budget:
 the ratio is 1 - budget / context tokens, so that every KV head keeps `budget`
 tokens as ours does. Question-aware passes the whole prompt as the context and an
 empty question; question-agnostic passes the document and the question apart.
@@ -33,7 +42,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 PRESSES = {"full": None, "streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress",
-           "h2o": "ObservedAttentionPress", "pyramidkv": "PyramidKVPress"}
+           "h2o": "ObservedAttentionPress", "pyramidkv": "PyramidKVPress",
+           "kvzip": "KVzipPress", "keydiff": "KeyDiffPress", "adakv-expected": "AdaKVPress+ExpectedAttentionPress"}
 PREFIX = "kvpress:"
 
 
@@ -80,6 +90,25 @@ def _kv_bytes(cache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
+def make_press(kvpress, name: str, ratio: float):
+    """The press for one of PRESSES' names; 'A+B' is A wrapping B (AdaKV's per-head budgets over B's scores)."""
+    outer, _, inner = PRESSES[name].partition("+")
+    if inner:
+        return getattr(kvpress, outer)(getattr(kvpress, inner)(compression_ratio=ratio))
+    return getattr(kvpress, outer)(compression_ratio=ratio)
+
+
+def _entries_kept(model, cache) -> int:
+    """(layer, KV head, token) entries attention still sees: a masking press leaves its dropped ones in place."""
+    held = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers)
+    masked = 0
+    for layer in model.model.layers:
+        idx = getattr(layer.self_attn, "masked_key_indices", None)
+        if idx is not None:
+            masked += len(idx[2])
+    return held - masked
+
+
 def run(cfg: dict) -> dict:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -120,16 +149,17 @@ def run(cfg: dict) -> dict:
             context, question = s.context, "\n\n" + s.question
         n_ctx = pipe.preprocess(context, questions=[question], answer_prefix=s.answer_prefix,
                                 max_context_length=10**9)["context_ids"].shape[1]
-        press = None
-        if PRESSES[name]:
-            press = getattr(kvpress, PRESSES[name])(compression_ratio=compression_ratio(cfg["budget"], n_ctx))
+        press = make_press(kvpress, name, compression_ratio(cfg["budget"], n_ctx)) if PRESSES[name] else None
         cache = DynamicCache()
         with torch.inference_mode():
             out = pipe(context, question=question, answer_prefix=s.answer_prefix, press=press, cache=cache,
                        max_new_tokens=MAX_TOKENS.get(s.task, 24))["answer"]
         kept = cache.layers[0].keys.shape[2]
+        entries = _entries_kept(model, cache)
+        held = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers)
         results.append({"depth": depth, "score": s.score(out), "output": out[:200], "expected": s.expected,
-                        "prompt_tokens": n_ctx, "kv_tokens_kept": kept, "kv_bytes_allocated": _kv_bytes(cache)})
+                        "prompt_tokens": n_ctx, "kv_tokens_kept": kept, "kv_bytes_allocated": _kv_bytes(cache),
+                        "kv_entries_kept": entries, "kv_bytes_kept": _kv_bytes(cache) * entries // max(held, 1)})
     scores = [r["score"] for r in results]
     return {"accuracy": sum(scores) / len(scores), "samples": results, "seconds": round(time.time() - t0, 1),
             "kvpress_version": version("kvpress")}
