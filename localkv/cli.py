@@ -513,7 +513,7 @@ def bench_quality(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated, from: " + ", ".join(
         ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt", "cwe", "fwe",
          "fact_code", "fact_date", "fact_version", "fact_uuid", "fact_path", "fact_ident")) + "; facts = all fact_*"),
-    settings: Optional[str] = typer.Option(None, "--settings", help="aware, agnostic, twoturn"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="aware, agnostic, twoturn, chat"),
     samples: Optional[int] = typer.Option(None, "--samples", help="samples per cell (needle depths spread evenly)"),
     seed: int = typer.Option(0, "--seed"),
     policy_arg: Optional[List[str]] = PolicyArgOpt,
@@ -523,7 +523,8 @@ def bench_quality(
     anchors: str = typer.Option("q8_0,q4_0", "--anchors",
                                 help="also run the full cache with these llama.cpp KV types ('' for none)"),
     kvpress: str = typer.Option("", "--kvpress", help="also run NVIDIA kvpress's presses for these of our policies "
-                                "(full, streamingllm, snapkv, h2o, pyramidkv) on transformers; needs .[kvpress]"),
+                                "(full, streamingllm, snapkv, h2o, pyramidkv, kvzip) and its query-agnostic keydiff "
+                                "and adakv-expected, on transformers; needs .[kvpress]"),
     gpu_layers: int = GpuLayersOpt,
     out_dir: Path = typer.Option(Path("bench-results"), "--out"),
     markdown: bool = typer.Option(False, "--markdown"),

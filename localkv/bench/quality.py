@@ -4,6 +4,9 @@
 - agnostic: the document is fed and compressed before the question is seen
             (every later turn of a chat; how kvpress measures)
 - twoturn:  an unrelated first question and its answer, then the task's question
+- chat:     the document told over several user turns, each answered by the model
+            (greedy, short), then the question in a turn of its own: a fact from an
+            earlier turn of `localkv chat`, with every turn compressed as it comes
 
 Worker: `python -m localkv.bench.quality < config.json` runs every sample of one
 configuration with one engine and prints per-sample scores as JSON.
@@ -14,10 +17,27 @@ import json
 import sys
 import time
 
-SETTINGS = ("aware", "agnostic", "twoturn")
+SETTINGS = ("aware", "agnostic", "twoturn", "chat")
 FIRST_TURN = "In one short sentence, what kind of text is the above?"
 MAX_TOKENS = {"cwe": 80, "fwe": 40, "vt": 48, "niah_multivalue": 64, "niah_multiquery": 48}
 FACT_MAX_TOKENS = 40  # no answer prefix: the reply restates the question before the fact
+CHAT_TURNS = 4
+CHAT_OPENERS = ("Here are my notes from today.", "More of my notes.", "Continuing my notes.",
+                "The last part of my notes.")
+CHAT_REPLY_TOKENS = 16
+
+
+def chat_turns(context: str, n: int = CHAT_TURNS) -> list[str]:
+    """The document cut at sentence ends into n user turns of about equal length, each opened as a note."""
+    cuts, at = [], 0
+    for k in range(1, n):
+        end = context.find(". ", max(at, len(context) * k // n))
+        if end < 0:
+            break
+        cuts.append(context[at:end + 1].strip())
+        at = end + 2
+    cuts.append(context[at:].strip())
+    return [f"{CHAT_OPENERS[min(i, len(CHAT_OPENERS) - 1)]} {part}" for i, part in enumerate(cuts) if part]
 
 
 def depths_for(samples: int) -> list[float]:
@@ -43,8 +63,8 @@ def quality_configs(policies: list[str], tasks: list[str], settings: list[str], 
                 cfg["policy_args"] = {**policy_args, **own} if cfg["policy"] != "full" else {}
                 configs.append(cfg)
             configs += [{**cfg, "policy_args": {}} for cfg in anchor_configs(cell, anchors, lengths)]
-            # kvpress on transformers: same prompts and budgets (its pipeline has no second turn)
-            if st != "twoturn":
+            # kvpress on transformers: same prompts and budgets (its pipeline has no second turn, no chat)
+            if st in ("aware", "agnostic"):
                 kv_base = {k: cell[k] for k in ("bench", "model", "task", "setting", "samples", "seed")}
                 for cfg in grid(kvpress, budgets, lengths, kv_base):
                     cfg.pop("prefill_budget")
@@ -67,7 +87,16 @@ def run(cfg: dict) -> dict:
         s = make_sample(cfg["task"], cfg["length"], depth, cfg.get("seed", 0) * 1000 + i, eng.model.tokenize)
         max_tokens = MAX_TOKENS.get(s.task, FACT_MAX_TOKENS if s.task.startswith("fact_") else 24)
         setting = cfg["setting"]
-        if setting == "twoturn":
+        if setting == "chat":
+            msgs = []
+            for turn in chat_turns(s.context):
+                msgs.append({"role": "user", "content": turn})
+                r = eng.generate(messages=msgs, max_tokens=CHAT_REPLY_TOKENS, temperature=0, keep_history=True)
+                msgs.append({"role": "assistant", "content": r.text})
+            msgs.append({"role": "user", "content": s.question})
+            res = eng.generate(messages=msgs, max_tokens=max_tokens, temperature=0, keep_history=True,
+                               answer_prefix=" " + s.answer_prefix)
+        elif setting == "twoturn":
             first = [{"role": "user", "content": s.context + "\n\n" + FIRST_TURN}]
             r1 = eng.generate(messages=first, max_tokens=24, temperature=0)
             msgs = first + [{"role": "assistant", "content": r1.text}, {"role": "user", "content": s.question}]
