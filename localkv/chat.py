@@ -27,17 +27,22 @@ HELP = """commands:
   /exit            leave (Ctrl-D too); Ctrl-C stops a reply"""
 
 
-def chat_policy_args(policy: str, items: list[str] | None) -> list[str]:
-    """A chat's earlier turns are compressed before the later questions exist: a policy that can replay
-    them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in the README:
-    SnapKV keeps no fact of an earlier turn at a quarter of the conversation without it)."""
+def conversation_policy_args(policy: str, args: dict[str, str]) -> dict[str, str]:
+    """A conversation's earlier turns are compressed before the later questions exist: a policy that can
+    replay them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in the
+    README: SnapKV keeps no fact of an earlier turn at a third of the conversation without it). Used by
+    `localkv chat` and by `localkv serve`, whose cached conversations are the same thing."""
     from .policies import available
-    items = list(items or [])
     cls = available().get(policy)
-    fields_ = getattr(cls, "__dataclass_fields__", {})
-    if "replay" in fields_ and not any(i.partition("=")[0].strip() == "replay" for i in items):
-        items.append("replay=true")
-    return items
+    if "replay" in getattr(cls, "__dataclass_fields__", {}) and "replay" not in args:
+        return {**args, "replay": "true"}
+    return args
+
+
+def chat_policy_args(policy: str, items: list[str] | None) -> list[str]:
+    """conversation_policy_args for NAME=VALUE items from the command line."""
+    from .policies import parse_args
+    return [f"{k}={v}" for k, v in conversation_policy_args(policy, parse_args(items)).items()]
 
 
 def load_conversation(path: str) -> list[dict]:

@@ -411,8 +411,9 @@ class Server:
         if self._model is None:  # one loaded model for every cache of the pool (each is only a context)
             init_backend(self.engine_kw["verbose"])
             self._model = Model(self.model_path, n_gpu_layers=self.gpu_layers)
-        return Engine(self.model_path, policy=key.policy, budget=key.budget, policy_args=dict(key.policy_args),
-                      shared_model=self._model, **kw)
+        from .chat import conversation_policy_args
+        return Engine(self.model_path, policy=key.policy, budget=key.budget, shared_model=self._model,
+                      policy_args=conversation_policy_args(key.policy, dict(key.policy_args)), **kw)
 
     def _close_all(self) -> None:
         self.pool.close()

@@ -225,3 +225,21 @@ def test_chat_replays_earlier_turns_unless_told_not_to():
     assert chat_policy_args("ahakv", ["replay=false"]) == ["replay=false"]
     assert chat_policy_args("kvzip", ["window=8"]) == ["window=8"]  # replays by itself
     assert chat_policy_args("streamingllm", None) == [] and chat_policy_args("full", None) == []
+    from localkv.chat import conversation_policy_args
+    assert conversation_policy_args("h2o", {"window": "8"}) == {"window": "8", "replay": "true"}
+    assert conversation_policy_args("snapkv", {"replay": "false"}) == {"replay": "false"}
+
+
+def test_global_threshold_keeps_each_heads_floor(model_path):
+    """head_floor: no head falls under that fraction of its capacity, at the same total (and without the
+    floor some head does, so the floor is what holds them up)."""
+    budget = 100
+    kept = {}
+    for floor in ("0", "0.6"):
+        args = {"replay_chunk": "80", "head_floor": floor, "whole_words": "false"}
+        with make_engine(model_path, policy="kvzip", budget=budget, chunk=256, policy_args=args) as eng:
+            eng.feed(eng.model.tokenize(TEXT)[:161])
+            kept[floor] = capi.cache_state(eng.ctx)[2]
+    n_heads = N_LAYER * N_HEAD_KV
+    assert kept["0"].sum() == kept["0.6"].sum() == budget * n_heads
+    assert kept["0"].min() < 60 <= kept["0.6"].min()

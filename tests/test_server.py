@@ -392,6 +392,8 @@ def test_pool_caches_share_one_loaded_model():
         engines = [s.engine for s in srv.pool.slots]
         assert len(engines) == 2 and engines[0].model is engines[1].model
         assert engines[0].ctx != engines[1].ctx
+        # a cached conversation is a chat: its earlier turns are replayed (as `localkv chat` does)
+        assert engines[0].policy.replay and engines[1].policy.replay
     finally:
         srv.close()
     assert all(e.model is None for e in engines)  # closed with the server, the shared model last
