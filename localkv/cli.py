@@ -443,7 +443,8 @@ def _csv(text: str, cast=str) -> list:
 @bench_app.command("speed")
 def bench_speed(
     model: Optional[str] = ModelOpt,
-    policies: str = typer.Option("full,streamingllm,snapkv", "--policies", help="comma-separated"),
+    policies: str = typer.Option("full,streamingllm,snapkv", "--policies",
+                                 help="comma-separated; NAME:ARG=VALUE runs a variant (snapkv:replay=true)"),
     budgets: str = typer.Option("256,512,1024", "--budgets"),
     lengths: str = typer.Option("1024,4096,8192", "--lengths", help="prompt lengths in tokens"),
     decode: int = typer.Option(64, "--decode", help="tokens decoded after the prompt"),
@@ -460,7 +461,13 @@ def bench_speed(
         from .bench.report import speed_table
         base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
                 **_gpu_kw(gpu_layers)}
-        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
+        from .bench.common import split_spec
+        configs = grid(_policies(policies, variants=True), _csv(budgets, int), _csv(lengths, int), base,
+                       prefill_budget, True)
+        for cfg in configs:  # a variant: snapkv:replay=true (plain names keep the keys of earlier results)
+            cfg["policy"], args = split_spec(cfg["policy"])
+            if args:
+                cfg["policy_args"] = args
         recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -619,7 +626,13 @@ def bench_memory(
         from .bench.report import speed_table
         base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
                 **_gpu_kw(gpu_layers)}
-        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget, True)
+        from .bench.common import split_spec
+        configs = grid(_policies(policies, variants=True), _csv(budgets, int), _csv(lengths, int), base,
+                       prefill_budget, True)
+        for cfg in configs:  # a variant: snapkv:replay=true (plain names keep the keys of earlier results)
+            cfg["policy"], args = split_spec(cfg["policy"])
+            if args:
+                cfg["policy_args"] = args
         recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)

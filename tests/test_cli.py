@@ -154,6 +154,16 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
                        "--out", str(tmp_path), "--markdown")
     assert rc == 0, err
     assert "| 1024 | snapkv | 128 | 100 | 20.0 |" in out
+    # a variant is its own run, with its replay seconds
+    cfg = {**base_s, "policy": "snapkv", "budget": 128, "length": 1024, "prefill_budget": None,
+           "policy_args": {"replay": "true"}}
+    common.append_result(tmp_path / "speed.jsonl", {"config": cfg, "result": {**x, "replay_s": 4.25,
+                                                                              "replay_tokens": 1100}})
+    rc, out, err = run("bench", "speed", "--policies", "snapkv:replay=true", "--budgets", "128", "--lengths", "1024",
+                       "--out", str(tmp_path), "--markdown")
+    assert rc == 0, err
+    row = next(l for l in out.splitlines() if l.startswith("| 1024 | snapkv (replay=true) | 128 |"))
+    assert row.rstrip().endswith("| 4.2 |")
     rc, out, err = run("bench", "quality", "--tasks", "nope")
     assert_one_line_error(rc, out, err, "unknown task")
     # refused before anything runs: no worker starts, no results file appears

@@ -79,7 +79,7 @@ def run(cfg: dict) -> dict:
     policy = cfg["policy"]
     eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), policy_args=cfg.get("policy_args"),
                  prefill_budget=cfg.get("prefill_budget"),
-                 ctx=cfg["length"] + 512 if policy == "full" else None, chunk=cfg.get("chunk", 256),
+                 ctx=cfg["length"] + (1024 if cfg["setting"] == "chat" else 512) if policy == "full" else None, chunk=cfg.get("chunk", 256),
                  cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"), gpu_layers=cfg.get("gpu_layers", -1))
     results = []
     t0 = time.time()
@@ -109,7 +109,7 @@ def run(cfg: dict) -> dict:
                                split_before=s.question if setting == "agnostic" else None)
         results.append({"depth": depth, "score": s.score(res.text), "partial": s.partial(res.text),
                         "output": res.text[:200],
-                        "expected": s.expected, "prompt_tokens": res.prompt_tokens,
+                        "expected": s.expected, "prompt_tokens": res.prompt_tokens, "context_tokens": eng.n_past,
                         "kv_bytes_allocated": res.kv_bytes_allocated, "kv_tokens_kept": res.kv_tokens_kept})
     eng.close()
     scores = [r["score"] for r in results]

@@ -26,7 +26,8 @@ def emit(head: list[str], rows: list[list[str]], console, markdown: bool, title:
 
 def speed_table(records: list[dict], console, markdown: bool = False) -> None:
     head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
-            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s", "compress MB moved"]
+            "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s", "compress MB moved",
+            "replay s"]
     rows = []
     for r in records:
         c, x = r["config"], r["result"]
@@ -34,7 +35,8 @@ def speed_table(records: list[dict], console, markdown: bool = False) -> None:
                      f"{x['decode_tokens_per_s']:.1f}", _mib(x["kv_bytes_allocated"]), _mib(x["kv_bytes_full_f16"]),
                      _mib(x["kv_stats_bytes"]), _mib(x["compute_bytes"]), _mib(x["peak_rss_bytes"]),
                      f"{x['compress_s_total']:.2f}",
-                     f"{x['compress_bytes'] / 1e6:.2f}" if "compress_bytes" in x else "-"])
+                     f"{x['compress_bytes'] / 1e6:.2f}" if "compress_bytes" in x else "-",
+                     f"{x['replay_s']:.1f}" if x.get("replay_tokens") else "-"])
     emit(head, rows, console, markdown, "speed and memory")
 
 

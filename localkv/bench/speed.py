@@ -34,6 +34,7 @@ def measure(cfg: dict) -> dict:
 
     policy = cfg["policy"]
     eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), prefill_budget=cfg.get("prefill_budget"),
+                 policy_args=cfg.get("policy_args") or None,
                  ctx=cfg["length"] + cfg["decode"] + 64 if policy == "full" else None,
                  chunk=cfg.get("chunk", 256), cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"),
                  threads=cfg.get("threads"), gpu_layers=cfg.get("gpu_layers", -1))
@@ -61,6 +62,8 @@ def measure(cfg: dict) -> dict:
         "compress_s_prefill": compress_prefill,
         "compress_s_total": eng.compress_seconds,
         "compressions": eng.compressions,
+        "replay_s": eng.replay_seconds,              # reconstruction (KVzip, replay=true): part of prefill_s
+        "replay_tokens": eng.replay_tokens,
         "compress_bytes": eng.compress_bytes(),      # host <-> backend bytes moved by compression
         "reallocations": eng.reallocations,          # resizes of the compressed cache (grow / shrink)
         "decode_graph_reuse": reused / cfg["decode"] if cfg["decode"] else 0.0,  # llama.cpp's n_reused per step
