@@ -440,6 +440,19 @@ def _csv(text: str, cast=str) -> list:
         raise LocalkvError(f"cannot read the list '{text}'") from None
 
 
+def _run_configs(policies: str, budgets: str, lengths: str, base: dict, prefill_budget: int | None) -> list[dict]:
+    """One run per (length, policy, budget below the length); a variant (snapkv:replay=true) is its own run,
+    and a plain name keeps the config keys of earlier results."""
+    from .bench.common import grid, split_spec
+    configs = grid(_policies(policies, variants=True), _csv(budgets, int), _csv(lengths, int), base,
+                   prefill_budget, True)
+    for cfg in configs:
+        cfg["policy"], args = split_spec(cfg["policy"])
+        if args:
+            cfg["policy_args"] = args
+    return configs
+
+
 @bench_app.command("speed")
 def bench_speed(
     model: Optional[str] = ModelOpt,
@@ -457,17 +470,11 @@ def bench_speed(
 ):
     """Prefill/decode speed, allocated KV bytes and peak RSS: full cache vs compressed, per prompt length."""
     def body():
-        from .bench.common import grid, run_grid
+        from .bench.common import run_grid
         from .bench.report import speed_table
         base = {"bench": "speed", "model": model, "decode": decode, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
                 **_gpu_kw(gpu_layers)}
-        from .bench.common import split_spec
-        configs = grid(_policies(policies, variants=True), _csv(budgets, int), _csv(lengths, int), base,
-                       prefill_budget, True)
-        for cfg in configs:  # a variant: snapkv:replay=true (plain names keep the keys of earlier results)
-            cfg["policy"], args = split_spec(cfg["policy"])
-            if args:
-                cfg["policy_args"] = args
+        configs = _run_configs(policies, budgets, lengths, base, prefill_budget)
         recs = run_grid("speed", configs, out_dir / "speed.jsonl", progress=sys.stderr.isatty(), label="speed")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)
@@ -622,17 +629,11 @@ def bench_memory(
 ):
     """Allocated KV bytes and peak RSS against prompt length, per policy (each point its own process)."""
     def body():
-        from .bench.common import grid, run_grid
+        from .bench.common import run_grid
         from .bench.report import speed_table
         base = {"bench": "memory", "model": model, "decode": 8, "chunk": chunk, "ctk": cache_type, "ctv": cache_type,
                 **_gpu_kw(gpu_layers)}
-        from .bench.common import split_spec
-        configs = grid(_policies(policies, variants=True), _csv(budgets, int), _csv(lengths, int), base,
-                       prefill_budget, True)
-        for cfg in configs:  # a variant: snapkv:replay=true (plain names keep the keys of earlier results)
-            cfg["policy"], args = split_spec(cfg["policy"])
-            if args:
-                cfg["policy_args"] = args
+        configs = _run_configs(policies, budgets, lengths, base, prefill_budget)
         recs = run_grid("speed", configs, out_dir / "memory.jsonl", progress=sys.stderr.isatty(), label="memory")
         speed_table(recs, out, markdown=markdown)
     run_guarded(body)
