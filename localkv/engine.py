@@ -644,7 +644,7 @@ class Engine:
         if keep_history and history and text.startswith(history):
             new_text, add_special = text[len(history):], False
         else:
-            if keep_history and history:
+            if keep_history:  # the cache holds nothing this text is known to continue: start it over
                 self.reset()
             new_text, add_special = text, True
         segments = [new_text]

@@ -35,6 +35,20 @@ def test_a_reply_cut_by_max_tokens_is_all_in_the_cache(model_path, policy, budge
         assert eng.n_past == fed_before + res2.prompt_tokens + res2.generated_tokens
 
 
+@pytest.mark.parametrize("policy,budget", [("full", None), ("snapkv", 64)])
+def test_a_new_conversation_after_an_answer_prefix_starts_the_cache_over(model_path, policy, budget):
+    """An answer prefix leaves nothing known to continue: the next keep_history call must not feed its
+    whole conversation on top of the previous one."""
+    with make_engine(model_path, policy=policy, budget=budget) as eng:
+        eng.generate(messages=[{"role": "user", "content": "The code is 4412. What is the code?"}], max_tokens=4,
+                     temperature=0, keep_history=True, answer_prefix="The code is")
+        msgs = [{"role": "user", "content": "Name a colour."}]
+        res = eng.generate(messages=msgs, max_tokens=4, temperature=0, keep_history=True)
+        assert eng.n_past == res.prompt_tokens + res.generated_tokens  # this conversation alone
+        alone = eng.model.tokenize(eng.model.chat_prompt(msgs), parse_special=True)
+        assert res.prompt_tokens == len(alone)
+
+
 def test_seeded_sampling_is_reproducible(model_path):
     with make_engine(model_path) as eng:
         a = eng.generate("Name a colour.", max_tokens=8, temperature=0.9, seed=7)

@@ -91,7 +91,8 @@ def run(cfg: dict) -> dict:
             msgs = []
             for turn in chat_turns(s.context):
                 msgs.append({"role": "user", "content": turn})
-                r = eng.generate(messages=msgs, max_tokens=CHAT_REPLY_TOKENS, temperature=0, keep_history=True)
+                r = eng.generate(messages=msgs, max_tokens=CHAT_REPLY_TOKENS, temperature=0,
+                                 keep_history=len(msgs) > 1)  # each sample its own conversation
                 msgs.append({"role": "assistant", "content": r.text})
             msgs.append({"role": "user", "content": s.question})
             res = eng.generate(messages=msgs, max_tokens=max_tokens, temperature=0, keep_history=True,
