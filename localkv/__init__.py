@@ -10,14 +10,6 @@ localkv-patched build (LocalkvError names the fix otherwise), while
 """
 __version__ = "0.1.0"
 
-import os as _os
-
-# llama.cpp's CPU threads come from OpenMP, whose idle workers spin between graphs by default. While the
-# host works between two graphs (a compression reading statistics, sampling) that spin holds a core, and
-# beside any other busy process it costs the compute itself: measured in the README (statistics
-# overhead). Read once by libgomp when llama.cpp loads; a value the user set is kept.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 __all__ = ["Engine", "GenerationResult", "MemoryReport", "LocalkvError"]
 
 from .errors import LocalkvError

@@ -613,6 +613,11 @@ class Engine:
         if self.compressing and self._layers_over(capi.cache_state(self.ctx)[2],
                                                   self.head_capacities + self.decode_interval - 1):
             self.compress(DECODE)
+            if self.policy.shares_model_budget:
+                # one threshold over all heads moves tokens between heads at every compression: without
+                # this a head that lost some kept the slots it had grown to, and the cache crept up to
+                # every head's largest count (one reallocation per compression, as growing costs anyway)
+                self._settle()
 
     # ---------------------------------------------------------------- generation
 

@@ -222,13 +222,3 @@ def test_memory_shows_uneven_heads_for_surfacelogickv(tmp_path):
         assert " ".join(map(str, lm["head_capacities"])) in out
     assert png.stat().st_size > 10_000
 
-
-def test_openmp_workers_wait_passively_unless_the_user_chose():
-    """Set before llama.cpp (and libgomp) load: idle OpenMP workers sleep instead of spinning between graphs."""
-    code = "import os, localkv.engine; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert got.stdout.strip() == "PASSIVE"
-    got = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
-    assert got.stdout.strip() == "ACTIVE"

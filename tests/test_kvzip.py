@@ -176,6 +176,24 @@ def test_memory_stays_bounded_for_a_prompt_8x_the_budget(model_path):
         assert used.sum() == budget * N_LAYER * N_HEAD_KV  # one threshold: the uniform split's total
 
 
+def test_decoding_holds_each_head_at_what_it_kept_plus_one_interval(model_path):
+    """One threshold over all heads moves tokens between heads at every decode compression: at rest each head
+    holds its own count plus one decode interval (padded), not the largest count it ever had."""
+    from localkv.engine import pad_slots
+    with make_engine(model_path, policy="kvzip", budget=64, chunk=64, policy_args={"replay_chunk": "64"}) as eng:
+        eng.feed(eng.model.tokenize(TEXT)[:150])
+        shares = []
+        for _ in range(100):  # three decode compressions
+            eng.step(int(np.argmax(eng.last_logits())))
+            _cap, alloc, used = capi.cache_state(eng.ctx)
+            assert (alloc <= np.array([pad_slots(u + eng.decode_interval) for u in used]) + 32).all()
+            shares.append(used.copy())
+        assert eng.compressions >= 3 and any((a != b).any() for a, b in zip(shares, shares[1:]))
+        _cap, alloc, used = capi.cache_state(eng.ctx)
+        slot = eng.full_bytes(1, "f16") // N_LAYER // N_HEAD_KV
+        assert capi.memory_bytes(eng.ctx) <= sum(pad_slots(u + eng.decode_interval) for u in used) * slot * 1.02
+
+
 def test_freed_slots_start_from_zero_statistics(model_path):
     """A token written where an evicted one was does not inherit its accumulated attention."""
     with make_engine(model_path, policy="snapkv", budget=256, chunk=64) as eng:
