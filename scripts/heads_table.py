@@ -15,11 +15,11 @@ import json
 import sys
 from collections import defaultdict
 
-from localkv.bench.report import label
+from localkv.bench.report import kept_bytes, label
 
 
 def _mib(x: dict) -> float:
-    return sum(s.get("kv_bytes_kept", s["kv_bytes_allocated"]) for s in x["samples"]) / len(x["samples"]) / 2**20
+    return sum(kept_bytes(s) for s in x["samples"]) / len(x["samples"]) / 2**20
 
 
 def long_table(records: list[dict]) -> None:

@@ -143,7 +143,7 @@ def test_kvpress_table_counts_what_a_masking_press_keeps_and_lists_presses_witho
 def test_kvpress_presses_wrap_and_masked_entries_are_not_counted():
     from types import SimpleNamespace as NS
     import numpy as np
-    from localkv.bench.kvpress_anchor import PRESSES, _entries_kept, make_press
+    from localkv.bench.kvpress_anchor import PRESSES, _entries, make_press
 
     class Press:
         def __init__(self, inner=None, compression_ratio=None):
@@ -157,7 +157,7 @@ def test_kvpress_presses_wrap_and_masked_entries_are_not_counted():
     cache = NS(layers=[NS(keys=np.zeros((1, 2, 10, 4))), NS(keys=np.zeros((1, 2, 10, 4)))])
     model = NS(model=NS(layers=[NS(self_attn=NS()),
                                 NS(self_attn=NS(masked_key_indices=([0, 0, 0], [0, 1, 1], [3, 4, 5])))]))
-    assert _entries_kept(model, cache) == 40 - 3
+    assert _entries(model, cache) == (40 - 3, 40)
 
 
 @pytest.mark.parametrize("task", ["niah_multikey", "passkey", "fact_code"])

@@ -17,8 +17,9 @@ and its query-agnostic presses, which score the context before any question:
 with each press's own defaults. KVzipPress and AdaKVPress keep every head's
 cache and mask the dropped entries instead (kvpress's "fake compression"), so
 their rows report the entries kept (kv_entries_kept) and the bytes those would
-take in kvpress's float32 (kv_bytes_kept) beside what was allocated. kvpress takes a compression ratio, not a budget:
-the ratio is 1 - budget / context tokens, so that every KV head keeps `budget`
+take in kvpress's float32 (kv_bytes_kept) beside what was allocated.
+
+kvpress takes a compression ratio, not a budget: the ratio is 1 - budget / context tokens, so that every KV head keeps `budget`
 tokens as ours does. Question-aware passes the whole prompt as the context and an
 empty question; question-agnostic passes the document and the question apart.
 
@@ -98,15 +99,15 @@ def make_press(kvpress, name: str, ratio: float):
     return getattr(kvpress, outer)(compression_ratio=ratio)
 
 
-def _entries_kept(model, cache) -> int:
-    """(layer, KV head, token) entries attention still sees: a masking press leaves its dropped ones in place."""
+def _entries(model, cache) -> tuple[int, int]:
+    """(layer, KV head, token) entries (kept, held): a masking press leaves its dropped ones in place."""
     held = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers)
     masked = 0
     for layer in model.model.layers:
         idx = getattr(layer.self_attn, "masked_key_indices", None)
         if idx is not None:
             masked += len(idx[2])
-    return held - masked
+    return held - masked, held
 
 
 def run(cfg: dict) -> dict:
@@ -155,8 +156,7 @@ def run(cfg: dict) -> dict:
             out = pipe(context, question=question, answer_prefix=s.answer_prefix, press=press, cache=cache,
                        max_new_tokens=MAX_TOKENS.get(s.task, 24))["answer"]
         kept = cache.layers[0].keys.shape[2]
-        entries = _entries_kept(model, cache)
-        held = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers)
+        entries, held = _entries(model, cache)
         results.append({"depth": depth, "score": s.score(out), "output": out[:200], "expected": s.expected,
                         "prompt_tokens": n_ctx, "kv_tokens_kept": kept, "kv_bytes_allocated": _kv_bytes(cache),
                         "kv_entries_kept": entries, "kv_bytes_kept": _kv_bytes(cache) * entries // max(held, 1)})

@@ -77,9 +77,10 @@ def run(cfg: dict) -> dict:
     from .tasks import make_sample
 
     policy = cfg["policy"]
+    room = 1024 if cfg["setting"] == "chat" else 512  # the full cache's context: the turns and the answer too
     eng = Engine(cfg.get("model"), policy=policy, budget=cfg.get("budget"), policy_args=cfg.get("policy_args"),
                  prefill_budget=cfg.get("prefill_budget"),
-                 ctx=cfg["length"] + (1024 if cfg["setting"] == "chat" else 512) if policy == "full" else None, chunk=cfg.get("chunk", 256),
+                 ctx=cfg["length"] + room if policy == "full" else None, chunk=cfg.get("chunk", 256),
                  cache_type_k=cfg.get("ctk", "f16"), cache_type_v=cfg.get("ctv", "f16"), gpu_layers=cfg.get("gpu_layers", -1))
     results = []
     t0 = time.time()

@@ -24,6 +24,12 @@ def emit(head: list[str], rows: list[list[str]], console, markdown: bool, title:
     console.print(t)
 
 
+def kept_bytes(sample: dict) -> int:
+    """KV bytes a run keeps: a masking press of kvpress (KVzipPress, AdaKVPress) allocates everything, so its
+    samples count what attention still sees."""
+    return sample.get("kv_bytes_kept", sample["kv_bytes_allocated"])
+
+
 def speed_table(records: list[dict], console, markdown: bool = False) -> None:
     head = ["prompt", "policy", "budget", "prefill tok/s", "decode tok/s", "KV MiB (allocated)",
             "KV MiB (full f16)", "stats MiB", "compute MiB", "peak RSS MiB", "compress s", "compress MB moved",
@@ -98,8 +104,7 @@ def kvpress_table(records: list[dict], console, markdown: bool = False) -> None:
             continue  # the default configuration of each policy only
         name = c["policy"]
         key = (c["task"], c["length"], c["setting"], name.removeprefix(PREFIX), c["budget"])
-        # a masking press (KVzipPress, AdaKVPress) allocates everything: count what attention still sees
-        kv = sum(x.get("kv_bytes_kept", x["kv_bytes_allocated"]) for x in r["result"]["samples"]) / len(r["result"]["samples"])
+        kv = sum(kept_bytes(x) for x in r["result"]["samples"]) / len(r["result"]["samples"])
         (theirs if name.startswith(PREFIX) else ours)[key] = (r["result"]["accuracy"], kv)
     head = ["task", "length", "setting", "policy", "budget", "localkv accuracy", "kvpress accuracy",
             "localkv KV MiB", "kvpress KV MiB"]

@@ -76,4 +76,3 @@ class KVzip(Policy):
             out.append(self.top_k(scores[vi], replace(v, capacity=counts[k:k + v.n_head_kv])))
             k += v.n_head_kv
         return out
-
