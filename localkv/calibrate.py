@@ -13,6 +13,9 @@ attention row for the query that predicts the next value token. Per head and ste
 The scores are summed over the steps of a probe and averaged over probes, per (layer, query head), and
 written as a profile keyed by the model file's sha256 (`localkv calibrate`). The paper's own formulas are not
 public; this follows the reading in shared/research/policies.md (HeadKV's retrieval and reasoning heads).
+
+POD's offline layer grouping (`localkv calibrate --policy pod`, the last section) reads the same probes the
+same way and writes its own kind of profile: how alike consecutive layers attend, per KV head.
 """
 from __future__ import annotations
 
@@ -149,56 +152,91 @@ def inference_scores(surface: np.ndarray, logic: np.ndarray, kv_heads: list[int]
 # ---------------------------------------------------------------- profiles
 
 
-def profile_name(sha256: str) -> str:
-    return f"{PROFILE_KIND}-{sha256[:16]}.json"
+@dataclass(frozen=True)
+class ProfileKind:
+    """What differs between kinds of profile: how one is checked, which arrays it holds, how to rebuild it."""
+    check: Callable[[dict], tuple[int, int] | None]  # the [layers, heads] shape, arrays converted; None: invalid
+    arrays: tuple[str, ...]   # float arrays, rounded to 6 digits when written
+    ints: tuple[str, ...]     # integer arrays
+    command: str              # what rebuilds it
+    heads: str                # what the second dimension counts, for messages
 
 
-def user_profile_path(sha256: str) -> Path:
+def _check_surfacelogickv(data: dict) -> tuple[int, int] | None:
+    """Head scores: two equal [layers, query heads] arrays of finite non-negative numbers."""
+    surface = np.asarray(data["surface"], dtype=np.float64)
+    logic = np.asarray(data["logic"], dtype=np.float64)
+    ok = surface.ndim == 2 and surface.shape == logic.shape and np.isfinite(surface).all() \
+        and np.isfinite(logic).all() and (surface >= 0).all() and (logic >= 0).all()
+    if not ok:
+        return None
+    data["surface"], data["logic"] = surface, logic
+    return surface.shape
+
+
+PROFILE_KINDS: dict[str, ProfileKind] = {
+    PROFILE_KIND: ProfileKind(_check_surfacelogickv, ("surface", "logic"), (), "localkv calibrate", "heads"),
+}  # the POD section adds its own
+
+
+def _kind(kind: str) -> ProfileKind:
+    """A kind's description; an unknown kind is a caller's mistake, said in one line."""
+    if kind not in PROFILE_KINDS:
+        raise LocalkvError(f"no profiles of kind '{kind}' (known: {', '.join(PROFILE_KINDS)})")
+    return PROFILE_KINDS[kind]
+
+
+def profile_name(sha256: str, kind: str = PROFILE_KIND) -> str:
+    return f"{kind}-{sha256[:16]}.json"
+
+
+def user_profile_path(sha256: str, kind: str = PROFILE_KIND) -> Path:
     from .models import cache_dir
-    return cache_dir().parent / "profiles" / profile_name(sha256)
+    return cache_dir().parent / "profiles" / profile_name(sha256, kind)
 
 
-def shipped_profile_path(sha256: str) -> Path:
-    return SHIPPED_DIR / profile_name(sha256)
+def shipped_profile_path(sha256: str, kind: str = PROFILE_KIND) -> Path:
+    return SHIPPED_DIR / profile_name(sha256, kind)
 
 
-def read_profile(path: Path, sha256: str | None = None, shape: tuple[int, int] | None = None) -> dict:
-    """A profile, checked: format, model hash and [layers, heads] shape when given."""
+def read_profile(path: Path, sha256: str | None = None, shape: tuple[int, int] | None = None,
+                 kind: str = PROFILE_KIND) -> dict:
+    """A profile of `kind`, checked: format, the kind's own arrays, model hash and [layers, heads] shape when
+    given."""
+    spec = _kind(kind)
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LocalkvError(f"no profile at {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LocalkvError(f"profile {path} is unreadable ({e.__class__.__name__}): delete it or run "
-                           "`localkv calibrate` again") from None
+                           f"`{spec.command}` again") from None
     try:
-        ok = data["format"] == PROFILE_FORMAT and data["kind"] == PROFILE_KIND
-        surface = np.asarray(data["surface"], dtype=np.float64)
-        logic = np.asarray(data["logic"], dtype=np.float64)
-        ok = ok and surface.ndim == 2 and surface.shape == logic.shape and np.isfinite(surface).all() \
-            and np.isfinite(logic).all() and (surface >= 0).all() and (logic >= 0).all()
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise LocalkvError(f"profile {path} is not a valid {PROFILE_KIND} profile (format {PROFILE_FORMAT}): "
-                           "delete it or run `localkv calibrate` again")
+        got = data["format"] == PROFILE_FORMAT and data["kind"] == kind and spec.check(data)
+    except (KeyError, TypeError, ValueError, IndexError):
+        got = None
+    if not got:
+        raise LocalkvError(f"profile {path} is not a valid {kind} profile (format {PROFILE_FORMAT}): "
+                           f"delete it or run `{spec.command}` again")
     if sha256 is not None and data.get("model_sha256") != sha256:
         raise LocalkvError(f"profile {path} was calibrated for another model file "
                            f"(sha256 {str(data.get('model_sha256'))[:16]}..., this one {sha256[:16]}...)")
-    if shape is not None and surface.shape != tuple(shape):
-        raise LocalkvError(f"profile {path} has {surface.shape[0]} layers x {surface.shape[1]} heads, the model "
+    if shape is not None and tuple(got) != tuple(shape):
+        raise LocalkvError(f"profile {path} has {got[0]} layers x {got[1]} {spec.heads}, the model "
                            f"{shape[0]} x {shape[1]}")
-    data["surface"], data["logic"] = surface, logic
     return data
 
 
 def write_profile(profile: dict, path: Path) -> None:
     """Write atomically (a temp file renamed over the target): a crash never leaves half a profile."""
+    spec = _kind(profile.get("kind", PROFILE_KIND))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out = dict(profile)
-    out["surface"] = np.asarray(profile["surface"]).round(6).tolist()
-    out["logic"] = np.asarray(profile["logic"]).round(6).tolist()
+    for key in spec.arrays:
+        out[key] = np.asarray(profile[key]).round(6).tolist()
+    for key in spec.ints:
+        out[key] = np.asarray(profile[key]).astype(int).tolist()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -212,9 +250,9 @@ def write_profile(profile: dict, path: Path) -> None:
         raise
 
 
-def find_profile(sha256: str) -> Path | None:
+def find_profile(sha256: str, kind: str = PROFILE_KIND) -> Path | None:
     """The user's own calibration first, else the one shipped in models/profiles."""
-    for p in (user_profile_path(sha256), shipped_profile_path(sha256)):
+    for p in (user_profile_path(sha256, kind), shipped_profile_path(sha256, kind)):
         if p.is_file():
             return p
     return None
@@ -223,24 +261,15 @@ def find_profile(sha256: str) -> Path | None:
 # ---------------------------------------------------------------- running the probes
 
 
-def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: int = 0, shared_model=None,
-              progress: Callable[[int, int], None] | None = None, record: list | None = None,
-              threads: int | None = None, sha256: str | None = None) -> dict:
-    """Run the probes on a model and return its profile (not written). `record`, when a list, receives every
-    step's (attention rows, positions, needle positions, tokens, greedy token) per layer (tests). `sha256`: the
-    model file's, when the caller already has it.
-
-    The cache is localkv's compressed one with a budget larger than any probe: nothing is evicted, and the
-    attention rows come from the same in-graph statistics every policy uses."""
-    from . import capi, models
+def _recording_engine(model: str | None, shared_model, threads: int | None):
+    """An engine whose cache never evicts (its budget holds any probe) and that keeps the last query's attention
+    per query head: the rows both calibrations read come from the same in-graph statistics every policy uses."""
+    from . import capi
     from .engine import Engine
-    from .policies import DECODE, Policy
-
-    if probes < 1:
-        raise LocalkvError(f"--probes must be at least 1, got {probes}")
+    from .policies import Policy
 
     class _Recorder(Policy):
-        """Never evicts (its budget holds any probe); asks for the last query's attention per query head."""
+        """Never evicts; asks for the last query's attention per query head."""
         query_heads = True
 
         def needs(self, phase):
@@ -253,17 +282,56 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
             raise AssertionError("calibration never compresses")
 
     budget = 2 * max(PROBE_LENGTHS) + 512
+    return Engine(model, policy=_Recorder(window=0), budget=budget, prefill_budget=budget, shared_model=shared_model,
+                  threads=threads, progress=False)
+
+
+def _probes_for(eng, n: int, seed: int) -> list[Probe]:
+    """The seeded probes, sized with the engine's tokenizer."""
+    return make_probes(n, seed, lambda s: len(eng.model.tokenize(s, add_special=False)))
+
+
+def _probe_prompt(eng, probe: Probe) -> list[int]:
+    """A probe as the model reads it: a chat turn with the document and the question, then the reply's start."""
+    text = eng.model.chat_prompt([{"role": "user", "content": probe.context + "\n\n" + probe.question}])
+    return eng.model.tokenize(text + probe.answer_prefix, add_special=False, parse_special=True)
+
+
+def _last_attention(eng):
+    """Per cached layer, the last query's attention rows [n_head, n_slots] and the token position of each slot,
+    repeated over each KV head's query heads (-1 where a head holds none)."""
+    from . import capi
+    from .policies import DECODE
+    cap, _alloc, held = capi.cache_state(eng.ctx)  # once per step, not once per layer
+    for i in range(len(eng.kv_layers)):
+        heads = eng._heads_of(i)
+        view = eng.layer_view(i, DECODE, capacity=cap[heads], used=held[heads])
+        att = view.stat(capi.STAT_LAST, per_kv_head=False)
+        yield att, np.repeat(view.positions, eng.shape.n_head // view.n_head_kv, axis=0)
+
+
+def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: int = 0, shared_model=None,
+              progress: Callable[[int, int], None] | None = None, record: list | None = None,
+              threads: int | None = None, sha256: str | None = None) -> dict:
+    """Run the probes on a model and return its profile (not written). `record`, when a list, receives every
+    step's (attention rows, positions, needle positions, tokens, greedy token) per layer (tests). `sha256`: the
+    model file's, when the caller already has it.
+
+    The cache is localkv's compressed one with a budget larger than any probe: nothing is evicted, and the
+    attention rows come from the same in-graph statistics every policy uses."""
+    from . import capi, models
+
+    if probes < 1:
+        raise LocalkvError(f"--probes must be at least 1, got {probes}")
     t0 = time.perf_counter()
-    eng = Engine(model, policy=_Recorder(window=0), budget=budget, prefill_budget=budget, shared_model=shared_model,
-                 threads=threads, progress=False)
+    eng = _recording_engine(model, shared_model, threads)
     try:
         n_layers, n_head = len(eng.kv_layers), eng.shape.n_head
         surface = np.zeros((n_layers, n_head))
         logic = np.zeros((n_layers, n_head))
-        items = make_probes(probes, seed, lambda s: len(eng.model.tokenize(s, add_special=False)))
+        items = _probes_for(eng, probes, seed)
         for j, pr in enumerate(items):
-            text = eng.model.chat_prompt([{"role": "user", "content": pr.context + "\n\n" + pr.question}])
-            prompt = eng.model.tokenize(text + pr.answer_prefix, add_special=False, parse_special=True)
+            prompt = _probe_prompt(eng, pr)
             answer = eng.model.tokenize(" " + pr.value, add_special=False)
             start = find_span(prompt, answer)
             if start < 0:
@@ -278,12 +346,7 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
             for t in range(len(answer)):
                 greedy = int(np.argmax(eng.last_logits()))
                 tok = np.asarray(tokens)
-                cap, _alloc, held = capi.cache_state(eng.ctx)  # once per step, not once per layer
-                for i in range(n_layers):
-                    heads = eng._heads_of(i)
-                    view = eng.layer_view(i, DECODE, capacity=cap[heads], used=held[heads])
-                    att = view.stat(capi.STAT_LAST, per_kv_head=False)
-                    pos = np.repeat(view.positions, n_head // view.n_head_kv, axis=0)
+                for i, (att, pos) in enumerate(_last_attention(eng)):
                     s, lg = step_scores(att, pos, needle, tok, greedy)
                     surface[i] += s
                     logic[i] += lg
@@ -377,4 +440,245 @@ def plot_profile(profile: dict, path: str) -> None:
         fig.colorbar(im, ax=ax, fraction=0.05)
     axes[0].set_ylabel("layer")
     fig.suptitle(f"{profile['kind']} head scores, {profile['model']} ({profile['probes']} probes)", fontsize=10)
+    save_png(fig, path)
+
+
+# ================================================================ POD: layers that attend alike
+#
+# POD (arXiv 2412.02252) lets consecutive layers share one attention over distant tokens. Offline, per KV head,
+# it measures how alike the attention distributions of consecutive layers are (1 - Jensen-Shannon divergence)
+# and greedily merges consecutive layers into blocks: a layer joins the block above it when it is at least
+# `delta` similar to the layer before it. The first layer of a block leads, the others follow it.
+# The queries are the last tokens of the same probes (the reply's start, where the model is about to look the
+# fact up), each attending over the whole probe with nothing evicted.
+
+POD_KIND = "pod"
+DEFAULT_POD_PROBES = 8
+DEFAULT_LAST_QUERIES = 8
+DEFAULT_POD_DELTA = 0.5  # the paper's
+
+
+def js_similarity(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """1 - the Jensen-Shannon divergence in bits between attention rows along the last axis (so in [0, 1]: 1 for
+    the same distribution, 0 for disjoint ones). Rows are renormalised first: the in-graph rows sum to 1 only to
+    float16's precision."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    p = p / p.sum(axis=-1, keepdims=True)
+    q = q / q.sum(axis=-1, keepdims=True)
+    m = (p + q) / 2
+    return np.clip(1.0 - (_kl_bits(p, m) + _kl_bits(q, m)) / 2, 0.0, 1.0)
+
+
+def _kl_bits(p: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """KL(p || m) in bits along the last axis, 0 log 0 = 0 (m > 0 wherever p > 0: m is p's mixture)."""
+    ratio = np.divide(p, m, out=np.ones_like(p), where=p > 0)
+    return (p * np.log2(ratio)).sum(axis=-1)
+
+
+def pod_blocks(similarity: np.ndarray, delta: float) -> np.ndarray:
+    """leaders [n_layers, n_kv]: the first layer of each (layer, KV head)'s block (the layer itself for a leader).
+
+    similarity [n_layers - 1, n_kv]: row l compares layers l and l + 1. Greedy per head, top down: layer 0 starts
+    a block; layer l joins the current one when similarity[l - 1] >= delta, else starts its own."""
+    sim = np.asarray(similarity, dtype=np.float64)
+    if sim.ndim != 2:
+        raise LocalkvError(f"POD similarity must be [layers - 1, KV heads], got shape {sim.shape}")
+    leaders = np.zeros((sim.shape[0] + 1, sim.shape[1]), dtype=np.int64)
+    for layer in range(1, len(leaders)):
+        leaders[layer] = np.where(sim[layer - 1] >= delta, leaders[layer - 1], layer)
+    return leaders
+
+
+def pod_spans(leaders: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Per KV head, its blocks as (first layer, last layer), top down (for display)."""
+    leaders = np.asarray(leaders)
+    spans = []
+    for h in range(leaders.shape[1]):
+        starts = [layer for layer in range(len(leaders)) if leaders[layer, h] == layer]
+        spans.append([(a, b - 1) for a, b in zip(starts, starts[1:] + [len(leaders)])])
+    return spans
+
+
+def pod_followers(leaders: np.ndarray) -> int:
+    """(layer, KV head)s that follow a leader: the ones whose attention over distant tokens is shared."""
+    leaders = np.asarray(leaders)
+    return int((leaders != np.arange(len(leaders))[:, None]).sum())
+
+
+def check_pod_delta(delta: float) -> float:
+    """delta is a similarity: outside [0, 1] (or NaN) it would make every layer a leader or every one a
+    follower without saying so."""
+    if not 0.0 <= float(delta) <= 1.0:
+        raise LocalkvError(f"--delta must be between 0 and 1 (the similarity at which a layer joins the block above "
+                           f"it), got {delta}")
+    return float(delta)
+
+
+def _check_pod(data: dict) -> tuple[int, int] | None:
+    """Similarities in [0, 1] between each pair of consecutive layers, and the blocks they give at the delta."""
+    sim = np.asarray(data["similarity"], dtype=np.float64)
+    leaders = np.asarray(data["leaders"])
+    kv = [int(h) for h in data["kv_heads"]]
+    n_layer, delta = int(data["n_layer"]), float(data["delta"])
+    ok = sim.ndim == 2 and n_layer >= 2 and sim.shape[0] == n_layer - 1 and len(kv) == n_layer \
+        and set(kv) == {sim.shape[1]} and np.isfinite(sim).all() and (sim >= 0).all() and (sim <= 1).all() \
+        and 0 <= delta <= 1 and leaders.dtype.kind == "i" and leaders.shape == (n_layer, sim.shape[1])
+    # the leaders are the ones the similarity gives at delta (a hand-edited file that says otherwise is wrong)
+    if not ok or not (leaders == pod_blocks(sim, delta)).all():
+        return None
+    data["similarity"], data["leaders"] = sim, leaders.astype(np.int64)
+    return n_layer, sim.shape[1]
+
+
+PROFILE_KINDS[POD_KIND] = ProfileKind(_check_pod, ("similarity",), ("leaders",), "localkv calibrate --policy pod",
+                                      "KV heads")
+
+
+def read_pod_profile(path: Path, sha256: str | None = None, shape: tuple[int, int] | None = None) -> dict:
+    """A POD profile, checked like every kind; shape is the model's [layers, KV heads]."""
+    return read_profile(path, sha256, shape, kind=POD_KIND)
+
+
+def pod_at(profile: dict, delta: float | None) -> dict:
+    """The profile with its blocks at another delta (None: its own), for showing."""
+    if delta is None:
+        return profile
+    sim = np.asarray(profile["similarity"])
+    return {**profile, "delta": check_pod_delta(delta), "leaders": pod_blocks(sim, delta)}
+
+
+def _by_position(att: np.ndarray, positions: np.ndarray, n_seen: int) -> np.ndarray:
+    """Rows [n_head, n_seen] ordered by token position: the layers' slots then line up column for column.
+    Nothing is evicted, so every position 0..n_seen-1 must be held exactly once."""
+    order = np.argsort(positions, axis=1, kind="stable")
+    if positions.shape[1] != n_seen or (np.take_along_axis(positions, order, 1) != np.arange(n_seen)).any():
+        raise LocalkvError("POD calibration: a layer does not hold every probe token once (a bug)")
+    return np.take_along_axis(att, order, 1)
+
+
+def layer_similarity(rows: list[np.ndarray], n_kv: int) -> np.ndarray:
+    """[n_layers - 1, n_kv]: js_similarity of each query head's rows in consecutive layers, averaged over each KV
+    head's GQA group (consecutive query heads)."""
+    stack = np.stack(rows)  # [layers, n_head, n_slots]
+    sim = js_similarity(stack[:-1], stack[1:])
+    return sim.reshape(len(rows) - 1, n_kv, -1).mean(axis=2)
+
+
+def calibrate_pod(model: str | None = None, *, probes: int = DEFAULT_POD_PROBES, seed: int = 0,
+                  last_queries: int = DEFAULT_LAST_QUERIES, shared_model=None,
+                  progress: Callable[[int, int], None] | None = None, record: list | None = None,
+                  threads: int | None = None, sha256: str | None = None, delta: float = DEFAULT_POD_DELTA) -> dict:
+    """Measure on the probes how alike consecutive layers attend, per KV head, and return the POD profile (not
+    written): the similarity and the blocks at `delta`. Each probe's last `last_queries` tokens are decoded one
+    by one after the rest; each attends over all the probe. `record`, when a list, receives (probe, query,
+    layer, rows [n_head, n_slots] ordered by position) for every query (tests)."""
+    from . import models
+
+    if probes < 1:
+        raise LocalkvError(f"--probes must be at least 1, got {probes}")
+    if last_queries < 1:
+        raise LocalkvError(f"last_queries must be at least 1, got {last_queries}")
+    check_pod_delta(delta)
+    t0 = time.perf_counter()
+    eng = _recording_engine(model, shared_model, threads)
+    try:
+        kv = [int(h) for h in eng.kv_heads]
+        if len(kv) < 2 or len(set(kv)) != 1:
+            raise LocalkvError(f"POD groups consecutive layers of one shape: {Path(eng.model_path).name} has "
+                               f"{len(kv)} cached layers with {sorted(set(kv))} KV heads")
+        total = np.zeros((len(kv) - 1, kv[0]))
+        items = _probes_for(eng, probes, seed)
+        for j, pr in enumerate(items):
+            prompt = _probe_prompt(eng, pr)
+            if len(prompt) <= last_queries:
+                raise LocalkvError(f"last_queries {last_queries} leaves nothing of probe {j} ({len(prompt)} tokens)")
+            eng.reset()
+            eng.feed(prompt[:-last_queries], want_logits=False)
+            for t, tok in enumerate(prompt[-last_queries:]):
+                eng.step(tok)
+                rows = [_by_position(att, pos, eng.n_past) for att, pos in _last_attention(eng)]
+                if record is not None:
+                    record.extend((j, t, i, r.copy()) for i, r in enumerate(rows))
+                total += layer_similarity(rows, kv[0])
+            if progress:
+                progress(j + 1, len(items))
+        # rounded before the blocks are cut, so the written profile gives back exactly its own leaders
+        similarity = np.round(total / (len(items) * last_queries), 6)
+        return {
+            "format": PROFILE_FORMAT, "kind": POD_KIND, "model": Path(eng.model_path).name,
+            "model_sha256": sha256 or models.file_sha256(eng.model_path), "n_layer": len(kv), "kv_heads": kv,
+            "probes": len(items), "seed": seed, "last_queries": last_queries, "probe_lengths": list(PROBE_LENGTHS),
+            "seconds": round(time.perf_counter() - t0, 1), "created": datetime.date.today().isoformat(),
+            "similarity": similarity, "delta": float(delta), "leaders": pod_blocks(similarity, delta),
+        }
+    finally:
+        eng.close()
+
+
+def load_or_calibrate_pod(engine, progress: Callable[[int, int], None] | None = None) -> tuple[dict, Path]:
+    """The POD profile of the engine's model: the user's, else the shipped one, else calibrated now and saved."""
+    from .models import file_sha256
+    sha = file_sha256(engine.model_path)
+    shape = (len(engine.kv_layers), engine.shape.n_head_kv)
+    path = find_profile(sha, POD_KIND)
+    if path is not None:
+        return read_profile(path, sha, shape, kind=POD_KIND), path
+    path = user_profile_path(sha, POD_KIND)
+    print(f"localkv: no {POD_KIND} profile for {Path(engine.model_path).name} yet: calibrating it once on "
+          f"{DEFAULT_POD_PROBES} local probes (a minute or two), saved to {path}", file=sys.stderr)
+    profile = calibrate_pod(shared_model=engine.model, probes=DEFAULT_POD_PROBES, progress=progress, sha256=sha)
+    write_profile(profile, path)
+    return read_profile(path, sha, shape, kind=POD_KIND), path
+
+
+def pod_table(profile: dict, delta: float | None = None):
+    """Per layer and KV head: the similarity to the layer before and whether it leads a block or follows one, at
+    `delta` (None: the profile's own)."""
+    from rich.table import Table
+    prof = pod_at(profile, delta)
+    sim, leaders = np.asarray(prof["similarity"]), np.asarray(prof["leaders"])
+    n_follow, n_all = pod_followers(leaders), leaders.size
+    t = Table(title=f"{prof['kind']} profile of {prof['model']}: attention similarity to the previous layer "
+                    f"(1 - JS divergence) and blocks at delta {prof['delta']:g}",
+              caption=f"{n_follow} of {n_all} (layer, KV head)s follow their block's leader at delta "
+                      f"{prof['delta']:g} ({n_follow / n_all:.0%})")
+    t.add_column("layer", justify="right")
+    for h in range(leaders.shape[1]):
+        t.add_column(f"kv{h} sim", justify="right")
+        t.add_column(f"kv{h} block")
+    for layer in range(len(leaders)):
+        row = [str(layer)]
+        for h in range(leaders.shape[1]):
+            lead = int(leaders[layer, h])
+            row += ["" if layer == 0 else f"{sim[layer - 1, h]:.3f}",
+                    "leader" if lead == layer else f"follows L{lead}"]
+        t.add_row(*row)
+    return t
+
+
+def plot_pod(profile: dict, path: str, delta: float | None = None) -> None:
+    """Heat map (layers x KV heads) of each layer's similarity to the one before, a red line above every block's
+    leader, written atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .memory import save_png
+    prof = pod_at(profile, delta)
+    sim, leaders = np.asarray(prof["similarity"]), np.asarray(prof["leaders"])
+    n_layers, n_kv = leaders.shape
+    data = np.ma.masked_invalid(np.vstack([np.full((1, n_kv), np.nan), sim]))  # layer 0 has no layer before it
+    fig, ax = plt.subplots(figsize=(3 + 1.2 * n_kv, 7))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    for h in range(n_kv):
+        for layer in range(1, n_layers):
+            if leaders[layer, h] == layer:
+                ax.plot([h - 0.5, h + 0.5], [layer - 0.5, layer - 0.5], color="red", linewidth=2.5)
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(n_kv))
+    fig.colorbar(im, ax=ax, fraction=0.08, label="similarity to the layer before (1 - JS)")
+    ax.set_title(f"{prof['kind']} blocks at delta {prof['delta']:g} (red: a block starts)\n{prof['model']}, "
+                 f"{prof['probes']} probes, {pod_followers(leaders)} of {leaders.size} follow", fontsize=9)
     save_png(fig, path)

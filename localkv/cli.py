@@ -250,46 +250,48 @@ def memory(
     run_guarded(body)
 
 
+def _calibrated(kind: str, path: Path, sha: str, show: bool, probes: int, run) -> tuple[dict, Path]:
+    """The model's profile of `kind`: the one found when only showing, else `run(progress)`'s with a progress
+    bar, saved and read back (what is shown is what was written)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import calibrate as cal
+    found = cal.find_profile(sha, kind) if show else None
+    if found is None:
+        with Progress(TextColumn("calibrating {task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} probes"), TimeElapsedColumn(),
+                      disable=not sys.stderr.isatty(), console=err, transient=True) as bar:
+            task = bar.add_task(path.name, total=probes)
+            prof = run(lambda done, _n: bar.update(task, completed=done))
+        found = cal.user_profile_path(sha, kind)
+        cal.write_profile(prof, found)
+    return cal.read_profile(found, sha, kind=kind), found
+
+
 @app.command()
 def calibrate(
     model: Optional[str] = ModelOpt,
-    policy: str = typer.Option("surfacelogickv", "--policy", "-p", help="the policy whose profile to build"),
-    probes: int = typer.Option(24, "--probes", help="needle probes to run (500 to 2000 tokens each)"),
+    policy: str = typer.Option("surfacelogickv", "--policy", "-p",
+                               help="the policy whose profile to build: surfacelogickv or pod"),
+    probes: Optional[int] = typer.Option(None, "--probes",
+                                         help="needle probes to run (500 to 2000 tokens each) "
+                                              "[default: 24 for surfacelogickv, 8 for pod]"),
     seed: int = typer.Option(0, "--seed"),
     show: bool = typer.Option(False, "--show", help="print the model's profile (calibrating only if it has none)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG heat map of the scores (layers x KV heads)"),
     budget: int = typer.Option(128, "--budget", "-b", help="the budget whose per-head capacities the table shows"),
+    delta: Optional[float] = typer.Option(None, "--delta",
+                                          help="pod: the similarity at which a layer joins the block above it "
+                                               "[default: 0.5 when calibrating, the profile's own when showing]"),
     threads: Optional[int] = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="print the profile as JSON"),
 ):
-    """Score every attention head on local needle probes and save the model's profile (SurfaceLogicKV)."""
-    def body():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Calibrate a policy on local needle probes and save the model's profile: SurfaceLogicKV's head scores, or
+    POD's layer blocks (how alike consecutive layers attend)."""
+    def surfacelogickv(path, sha, n):
         from . import calibrate as cal
-        from . import models
-        from .memory import check_png_path
-        if policy != cal.PROFILE_KIND:
-            raise LocalkvError(f"calibrate builds profiles for {cal.PROFILE_KIND} only, not '{policy}'")
-        if plot is not None:
-            check_png_path(str(plot))
-        if probes < 1:
-            raise LocalkvError(f"--probes must be at least 1, got {probes}")
-        path = models.resolve(model, progress=sys.stderr.isatty())
-        sha = models.file_sha256(path)
-        found = cal.find_profile(sha) if show else None
-        if found is not None:
-            prof = cal.read_profile(found, sha)
-        else:
-            with Progress(TextColumn("calibrating {task.description}"), BarColumn(),
-                          TextColumn("{task.completed}/{task.total} probes"), TimeElapsedColumn(),
-                          disable=not sys.stderr.isatty(), console=err, transient=True) as bar:
-                task = bar.add_task(path.name, total=probes)
-                prof = cal.calibrate(str(path), probes=probes, seed=seed, threads=threads, sha256=sha,
-                                     progress=lambda done, _n: bar.update(task, completed=done))
-            found = cal.user_profile_path(sha)
-            cal.write_profile(prof, found)
-            prof = cal.read_profile(found, sha)
+        prof, found = _calibrated(cal.PROFILE_KIND, path, sha, show, n, lambda progress: cal.calibrate(
+            str(path), probes=n, seed=seed, threads=threads, sha256=sha, progress=progress))
         if plot is not None:
             cal.plot_profile(prof, str(plot))
         if as_json:
@@ -297,10 +299,49 @@ def calibrate(
                               "logic": prof["logic"].tolist()}, indent=1))
             return
         out.print(cal.profile_table(prof, budget))
+        footer(prof, found)
+
+    def pod(path, sha, n):
+        from . import calibrate as cal
+        at = cal.DEFAULT_POD_DELTA if delta is None else delta
+        prof, found = _calibrated(cal.POD_KIND, path, sha, show, n, lambda progress: cal.calibrate_pod(
+            str(path), probes=n, seed=seed, threads=threads, sha256=sha, progress=progress, delta=at))
+        prof = cal.pod_at(prof, delta)  # showing at another --delta: the blocks it gives, not the saved ones
+        if plot is not None:
+            cal.plot_pod(prof, str(plot))
+        if as_json:
+            print(json.dumps({**prof, "path": str(found), "similarity": prof["similarity"].tolist(),
+                              "leaders": prof["leaders"].tolist()}, indent=1))
+            return
+        out.print(cal.pod_table(prof))
+        footer(prof, found)
+
+    def footer(prof, found):
         out.print(f"profile {found} ({prof['probes']} probes, calibrated in {prof['seconds']:.0f} s on "
                   f"{prof['created']})")
         if plot is not None:
             out.print(f"plot written to {plot}")
+
+    def body():
+        from . import calibrate as cal
+        from . import models
+        from .memory import check_png_path
+        if policy not in (cal.PROFILE_KIND, cal.POD_KIND):
+            raise LocalkvError(f"calibrate builds profiles for {cal.POD_KIND} or {cal.PROFILE_KIND} only, "
+                               f"not '{policy}'")
+        if delta is not None and policy != cal.POD_KIND:
+            raise LocalkvError(f"--delta applies to --policy {cal.POD_KIND} only")
+        if delta is not None:
+            cal.check_pod_delta(delta)
+        if plot is not None:
+            check_png_path(str(plot))
+        n = probes if probes is not None else (cal.DEFAULT_POD_PROBES if policy == cal.POD_KIND
+                                               else cal.DEFAULT_PROBES)
+        if n < 1:
+            raise LocalkvError(f"--probes must be at least 1, got {n}")
+        path = models.resolve(model, progress=sys.stderr.isatty())
+        sha = models.file_sha256(path)
+        (pod if policy == cal.POD_KIND else surfacelogickv)(path, sha, n)
     run_guarded(body)
 
 
@@ -507,11 +548,9 @@ def _policies(text: str, variants: bool = False) -> list[str]:
     names = list(available()) if text.strip() == "all" else _csv(text)
     for spec in names:
         name, args = split_spec(spec)
-        if name not in available():
-            raise LocalkvError(f"unknown policy '{name}': choose from {', '.join(available())}")
         if args and not variants:
             raise LocalkvError(f"'{spec}': per-policy arguments are for bench quality; use --policy-arg here")
-        create(name, args)  # an unknown or malformed argument fails now, not in a worker
+        create(name, args)  # an unknown policy (pod+<policy> composes) or argument fails now, not in a worker
     return names
 
 
@@ -587,7 +626,7 @@ def bench_quality(
 @bench_app.command("kl")
 def bench_kl(
     model: Optional[str] = ModelOpt,
-    policies: str = typer.Option("all", "--policies", help="comma-separated, or all"),
+    policies: str = typer.Option("all", "--policies", help="comma-separated, or all; NAME:ARG=VALUE for a variant"),
     budgets: str = typer.Option("128,256,512,1024", "--budgets"),
     lengths: str = typer.Option("2048", "--lengths", help="context tokens before the scored window"),
     eval_tokens: int = typer.Option(128, "--eval", help="tokens scored after the context"),
@@ -602,12 +641,12 @@ def bench_kl(
 ):
     """KL divergence and perplexity against the full cache on long English text (Debian's license texts)."""
     def body():
-        from .bench.common import anchor_configs, grid, run_grid
+        from .bench.common import anchor_configs, run_grid
         from .bench.report import kl_table
         base = {"bench": "kl", "model": model, "eval": eval_tokens, "chunk": chunk, "ctk": cache_type,
                 "ctv": cache_type, "ref_dir": str(Path.home() / ".cache" / "localkv" / "kl-ref"), **_gpu_kw(gpu_layers)}
         kv_anchors = _anchor_types(cache_type, anchors)
-        configs = grid(_policies(policies), _csv(budgets, int), _csv(lengths, int), base, prefill_budget)
+        configs = _run_configs(policies, budgets, lengths, base, prefill_budget)
         configs += anchor_configs(base, kv_anchors, _csv(lengths, int))
         recs = run_grid("kl", configs, out_dir / "kl.jsonl", progress=sys.stderr.isatty(), label="kl")
         kl_table(recs, out, markdown=markdown)
