@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -80,6 +80,9 @@ _SIGNATURES = {
     "llama_localkv_stats_bytes": (c_int64, [c_void_p]),
     "llama_localkv_transfer_bytes": (c_int64, [c_void_p]),
     "llama_localkv_read_rows": (c_int32, [c_void_p, c_int32, c_int32, c_void_p, c_size_t]),
+    "llama_localkv_set_pod": (c_int32, [c_void_p, POINTER(c_int32), c_int32, c_uint32, c_uint32]),
+    "llama_localkv_pod_state": (c_int32, [c_void_p, POINTER(c_int32), POINTER(c_uint32), POINTER(c_uint32),
+                                          POINTER(c_uint32), c_size_t]),
 }
 for _name, (_res, _args) in _SIGNATURES.items():
     _f = getattr(lib, _name)
@@ -171,6 +174,24 @@ def clear_stat(ctx, stat: int) -> None:
 def set_hidden(ctx, p0: int = 0, p1: int = 0) -> None:
     """Hide positions [p0, p1) from the queries of the next decodes (attention and statistics); p0 >= p1: none."""
     _check("set_hidden", lib.llama_localkv_set_hidden(ctx, int(p0), int(p1)))
+
+
+def set_pod(ctx, leaders, n_sink: int, n_recent: int) -> None:
+    """POD: leaders[k] per (layer, KV head), layer after layer: -1, or the earlier cached layer whose same KV head
+    it follows (its K then holds only the first n_sink and the n_recent latest tokens). On an empty cache."""
+    arr = (c_int32 * len(leaders))(*[int(v) for v in leaders])
+    _check("set_pod", lib.llama_localkv_set_pod(ctx, arr, len(leaders), int(n_sink), int(n_recent)))
+
+
+def pod_state(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(leader, K slots allocated, proximal sinks, first recent slot) of every (layer, KV head), layer after layer."""
+    n = _check("pod_state", lib.llama_localkv_pod_state(ctx, None, None, None, None, 0))
+    lead = np.empty(n, dtype=np.int32)
+    k_slots, n_sink, first = (np.empty(n, dtype=np.uint32) for _ in range(3))
+    _check("pod_state", lib.llama_localkv_pod_state(
+        ctx, lead.ctypes.data_as(POINTER(c_int32)), *(a.ctypes.data_as(POINTER(c_uint32)) for a in (k_slots, n_sink, first)),
+        n))
+    return lead.astype(np.int64), k_slots.astype(np.int64), n_sink.astype(np.int64), first.astype(np.int64)
 
 
 def cache_state(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -87,6 +87,8 @@ class LayerMemory:
     used: int | None = None
     head_capacities: list[int] | None = None  # compressed: per KV head
     head_used: list[int] | None = None
+    head_leaders: list[int] | None = None  # POD: per KV head, the layer it follows (-1: it leads or is alone)
+    head_k_slots: list[int] | None = None  # POD: K slots per KV head (a follower's proximal ring)
 
 
 @dataclass
@@ -160,6 +162,9 @@ class Engine:
                 prefill_budget = budget
             if prefill_budget is not None and prefill_budget < budget:
                 raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
+            if self.pod:  # a POD follower's recent ring holds a whole ubatch
+                self.chunk = min(self.chunk, self.policy.n_recent(budget))
+                self.decode_interval = max(1, min(self.decode_interval, self.chunk))
         elif budget is not None and self.policy.name == "full":
             raise LocalkvError("--budget needs a compressing policy (full keeps everything); see `localkv policies`")
 
@@ -180,7 +185,9 @@ class Engine:
         if self.policy.compresses:
             self.capacities = self.policy.capacities(budget, shape.n_layer)
             # room for the largest layer's prefill working set plus one chunk; positions may go far beyond it
-            cp.n_ctx = max(self.policy.capacities(self.prefill_budget, shape.n_layer)) + self.chunk
+            # (the plain cache made here is replaced by the compressed one at once: plain POD's is minimal)
+            cp.n_ctx = 2 * self.chunk if self.keeps_all else \
+                max(self.policy.capacities(self.prefill_budget, shape.n_layer)) + self.chunk
             cp.n_batch = cp.n_ubatch = self.chunk
         else:
             self.capacities = None
@@ -215,6 +222,15 @@ class Engine:
                 layer_slots = np.bincount(self._head_layer, weights=alloc)
                 self._slot_bytes = np.array([kb + vb for _il, kb, vb in capi.kv_layers(self.ctx)]) / layer_slots
                 self._slot_bytes = self._slot_bytes[self._head_layer]
+                # a POD follower's K is a fixed ring, not a row per slot: its slot holds V only
+                self._pod_k_bytes = np.zeros(len(alloc))
+                if self.pod:
+                    k_slot = np.array([kb for _il, kb, _vb in capi.kv_layers(self.ctx)])[self._head_layer] / \
+                        layer_slots[self._head_layer]
+                    capi.set_pod(self.ctx, self.policy.pod_leaders(), self.policy.sinks, self.policy.n_recent(budget))
+                    lead, k_slots, _s, _r = capi.pod_state(self.ctx)
+                    self._slot_bytes = np.where(lead >= 0, self._slot_bytes - k_slot, self._slot_bytes)
+                    self._pod_k_bytes = np.where(lead >= 0, k_slot * k_slots, 0.0)
             except capi.CapiError as e:
                 if e.code == -2:
                     raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
@@ -274,6 +290,16 @@ class Engine:
     def compressing(self) -> bool:
         return self.policy.compresses
 
+    @property
+    def pod(self) -> bool:
+        """Whether the policy shares attention across layers (POD: leaders and followers in the cache)."""
+        return hasattr(self.policy, "pod_leaders")
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether the policy compresses without evicting (plain POD): every head holds the whole context."""
+        return bool(getattr(self.policy, "keeps_all", False))
+
     def _set_phase(self, phase: str, observe: bool = True) -> None:
         """Switch on the statistics the policy needs in `phase`. Without `observe`, the ones every ubatch
         overwrites (its observation window: read only when a compression follows) stay off."""
@@ -326,7 +352,10 @@ class Engine:
             span = min(tokens, self.policy.replay_chunk)
             return int(sum(b * pad_slots(min(cap, tokens - span) + 2 * span + 64 + 1)
                            for b, cap in zip(self._slot_bytes, self.head_capacities)))
-        return int(sum(b * pad_slots(min(limit, tokens + self.chunk)) for b, limit in zip(self._slot_bytes, self._prefill_limits)))
+        slots = [min(limit, tokens + self.chunk) for limit in self._prefill_limits]
+        if self.keeps_all:
+            slots = [tokens for _ in slots]  # one reallocation for the whole prompt
+        return int(sum(b * pad_slots(n) for b, n in zip(self._slot_bytes, slots)) + self._pod_k_bytes.sum())
 
     def _make_room(self, n: int, phase: str, targets=None) -> None:
         """Room for n more tokens in every head: grow the slots while under the phase's limit, else compress.
@@ -385,7 +414,7 @@ class Engine:
         for a policy whose heads share their layer's budget, the layer's total over its total or a head past
         its limit (vectorised: step() asks after every token)."""
         first = self._head0[:-1]
-        if self.policy.shares_model_budget:
+        if self.policy.shares_model_budget or getattr(self.policy, "groups_layers", False):
             over = used.sum() > targets.sum() or (limits is not None and bool((used > limits).any()))
             return list(range(len(first))) if over else []
         if self.policy.shares_layer_budget:
@@ -468,6 +497,8 @@ class Engine:
             self._feed_replayed(tokens, want_logits)
             return
         chunks = self._chunks(tokens)
+        if self.keeps_all:
+            self._grow(len(tokens))  # nothing is evicted: room for the whole prompt in one reallocation
         for j, chunk in enumerate(chunks):
             if self.compressing:
                 self._make_room(len(chunk), PREFILL, targets=self.prefill_capacities)
@@ -759,6 +790,12 @@ class Engine:
                 cap, _alloc, used = capi.head_state(self.ctx, i)
                 lm.capacity, lm.used = int(cap.max()), int(used.max())
                 lm.head_capacities, lm.head_used = cap.tolist(), used.tolist()
+                if self.pod:
+                    lead, k_slots, _s, _r = capi.pod_state(self.ctx)
+                    heads = self._heads_of(i)
+                    # as model layers, like `layer`
+                    lm.head_leaders = [self.kv_layers[x][0] if x >= 0 else -1 for x in lead[heads].tolist()]
+                    lm.head_k_slots = k_slots[heads].tolist()
             layers.append(lm)
         return MemoryReport(
             model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,

@@ -32,19 +32,36 @@ def uneven_heads(rep: MemoryReport) -> bool:
     return any(lm.head_capacities and len(set(lm.head_capacities)) > 1 for lm in rep.layers)
 
 
+def pod_role(rep: MemoryReport, lm, h: int) -> str:
+    """'kv<h> follows L<layer> (K <slots>)', 'kv<h> leads' (some later layer follows it) or 'kv<h> -'."""
+    if lm.head_leaders[h] >= 0:
+        return f"kv{h} follows L{lm.head_leaders[h]} (K {lm.head_k_slots[h]})"
+    leads = any(o.head_leaders and o.head_leaders[h] == lm.layer for o in rep.layers)
+    return f"kv{h} leads" if leads else f"kv{h} -"
+
+
 def layer_table(rep: MemoryReport) -> Table:
     title = (f"KV cache of {Path(rep.model).name}: policy {rep.policy}"
              + (f", budget {rep.budget}" if rep.budget else "") + f", K {rep.cache_type_k} / V {rep.cache_type_v}")
     t = Table(title=title)
     uneven = uneven_heads(rep)
-    for col in ("layer", "K", "V", "tokens/head") + (("tokens per KV head",) if uneven else ()):
+    pod = any(lm.head_leaders for lm in rep.layers)
+    for col in ("layer", "K", "V", "tokens/head") + (("tokens per KV head",) if uneven else ()) + \
+            (("POD role per KV head",) if pod else ()):
         t.add_column(col, justify="right")
     for lm in rep.layers:
         row = [str(lm.layer), fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes),
                str(lm.capacity if lm.capacity is not None else rep.ctx)]
         if uneven:
             row.append(" ".join(str(c) for c in lm.head_capacities or []))
+        if pod:
+            row.append("  ".join(pod_role(rep, lm, h) for h in range(len(lm.head_leaders or []))))
         t.add_row(*row)
+    if pod:
+        followers = sum(sum(x >= 0 for x in lm.head_leaders or []) for lm in rep.layers)
+        heads = sum(len(lm.head_leaders or []) for lm in rep.layers)
+        t.caption = (f"POD: {followers} of {heads} (layer, KV head)s follow a leader (K for sinks + recent tokens "
+                     "only: 'K n' is the K slots they hold); 'lead' heads share their logits with followers")
     if uneven:
         kept = sum(sum(lm.head_capacities or []) for lm in rep.layers)
         heads = sum(len(lm.head_capacities or []) for lm in rep.layers)

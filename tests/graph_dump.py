@@ -53,9 +53,10 @@ class GraphDump:
     tensors[name][i] is that tensor of the i-th llama_decode, as [tokens, heads, head_dim].
     """
 
-    def __init__(self, names: set[str], head_dim: int = 64):
+    def __init__(self, names: set[str], head_dim: int = 64, widths: dict[str, int] | None = None):
         self.names = names
         self.head_dim = head_dim
+        self.widths = widths or {}  # a name whose rows are not head_dim wide (an attention output [n_embd, tokens])
         self.tensors: dict[str, list[np.ndarray]] = {}
         self._pass: dict[str, np.ndarray] = {}
         self.callback = ll.ggml_backend_sched_eval_callback(self._cb)
@@ -77,7 +78,7 @@ class GraphDump:
             return True
         ne = list(t.ne)
         # contiguous float32 [head_dim, heads, tokens] only
-        if ne[0] != self.head_dim or ne[3] != 1 or t.nb[0] != 4 or t.nb[1] != 4 * ne[0] or t.nb[2] != 4 * ne[0] * ne[1]:
+        if ne[0] != self.widths.get(name, self.head_dim) or ne[3] != 1 or t.nb[0] != 4 or t.nb[1] != 4 * ne[0] or t.nb[2] != 4 * ne[0] * ne[1]:
             return True
         n = int(np.prod(ne))
         buf = np.empty(n, dtype=np.float32)

@@ -45,6 +45,7 @@ def run(cfg: dict) -> dict:
 
     def engine(policy, budget, ctk="f16", ctv="f16"):
         return Engine(cfg.get("model"), policy=policy, budget=budget,
+                      policy_args=cfg.get("policy_args") if policy == cfg["policy"] else None,
                       prefill_budget=cfg.get("prefill_budget") if policy != "full" else None,
                       ctx=length + n_eval + 64 if policy == "full" else None, chunk=cfg.get("chunk", 256),
                       cache_type_k=ctk, cache_type_v=ctv, gpu_layers=cfg.get("gpu_layers", -1))

@@ -46,7 +46,24 @@ def parse_args(items: list[str] | None) -> dict[str, str]:
 
 
 def create(name: str, args: dict[str, str] | None = None) -> Policy:
-    """A policy by name with its hyper-parameters overridden from strings."""
+    """A policy by name with its hyper-parameters overridden from strings. `pod+<policy>` composes POD with an
+    evicting policy: each argument goes to POD if it is one of POD's, else to the other policy."""
+    if name.startswith("pod+"):
+        pod_cls = _REGISTRY["pod"]
+        inner = name[4:]
+        if inner in ("pod", "full", "") or inner.startswith("pod+") or inner not in _REGISTRY \
+                or not _REGISTRY[inner].compresses:
+            choices = ", ".join(f"pod+{n}" for n, c in _REGISTRY.items() if c.compresses and n not in ("pod", "kvzip"))
+            raise LocalkvError(f"unknown policy '{name}': POD composes with one evicting policy ({choices})")
+        if _REGISTRY[inner]().reconstructs:
+            raise LocalkvError(f"{name}: POD does not compose with {inner} (its replay hides positions a POD follower needs)")
+        own = {f.name for f in fields(pod_cls) if f.name not in pod_cls.not_arguments}
+        args = args or {}
+        evict = create(inner, {k: v for k, v in args.items() if k not in own})
+        pod = create("pod", {k: v for k, v in args.items() if k in own})
+        pod.evict = evict
+        pod.__post_init__()
+        return pod
     cls = _REGISTRY.get(name)
     if cls is None:
         raise LocalkvError(f"unknown policy '{name}': choose one of {', '.join(_REGISTRY)}")
