@@ -10,7 +10,9 @@ from localkv.errors import LocalkvError
 from localkv.policies import LayerView
 from localkv.policies.base import avg_pool, max_pool
 
-COMPRESSING = [n for n, c in policies.available().items() if c.compresses]
+# every evicting policy; pod's --budget is its proximal size and it evicts nothing (pod+<policy> selects per
+# block through the cache's state: tests/test_pod.py)
+COMPRESSING = [n for n, c in policies.available().items() if c.compresses and n != "pod"]
 
 
 def fake_view(rng, n_used, capacity, n_head_kv=2, n_head=14, n_seen=None, phase="prefill"):
