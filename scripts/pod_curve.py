@@ -61,14 +61,14 @@ def main() -> None:
     acc, kl = measured(results)
 
     print("| delta | followers | " + " | ".join(f"saved {n // 1024}K, prox {p}" for n in LENGTHS for p in (1024,))
-          + " | saved 16K, prox 512 / 2048 | needle 4K (prox 1024) | KL 4K (prox 1024) |")
+          + " | saved 16K, prox 512 / 2048 | needle 4K / 8K / 16K (prox 1024) | KL 4K (prox 1024) |")
     print("|---" * 8 + "|")
     for d in DELTAS:
-        a = acc.get((f"pod:delta={d}", 1024, 4096))
+        a = [acc.get((f"pod:delta={d}", 1024, n)) for n in LENGTHS]
         k = kl.get((f"pod:delta={d}", 1024, 4096))
         print(f"| {d} | {followers[d]}/{heads} | " + " | ".join(f"{saved[d, 1024, n]:.1%}" for n in LENGTHS)
               + f" | {saved[d, 512, 16384]:.1%} / {saved[d, 2048, 16384]:.1%} | "
-              + (f"{a:.2f}" if a is not None else "-") + " | " + (f"{k:.3f}" if k is not None else "-") + " |")
+              + " / ".join(f"{x:.2f}" if x is not None else "-" for x in a) + " | " + (f"{k:.3f}" if k is not None else "-") + " |")
     full = {n: acc.get(("full", None, n)) for n in LENGTHS}
     print("\nfull cache needle accuracy:", {n: v for n, v in full.items() if v is not None})
 
@@ -84,22 +84,25 @@ def main() -> None:
     ax1.set_ylabel("KV bytes saved vs full f16 (%)")
     ax1.set_title("allocated by llama.cpp", fontsize=10)
     ax1.legend(fontsize=8)
-    pts = [(100 * saved[d, 1024, 4096], acc.get((f"pod:delta={d}", 1024, 4096)), kl.get((f"pod:delta={d}", 1024, 4096)), d)
-           for d in DELTAS]
-    xs = [p[0] for p in pts if p[1] is not None]
-    ax2.plot(xs, [p[1] for p in pts if p[1] is not None], marker="o", color="C0", label="needle accuracy (niah_multikey)")
-    for x, a, _k, d in pts:
-        if a is not None:
+    for j, n in enumerate(LENGTHS):
+        pts = [(100 * saved[d, 1024, n], acc.get((f"pod:delta={d}", 1024, n)), d) for d in DELTAS]
+        pts = [p for p in pts if p[1] is not None]
+        if not pts:
+            continue
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{j}", label=f"needle accuracy {n // 1024}K")
+        for x, a, d in pts:
             ax2.annotate(f"δ={d}", (x, a), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax2.set_xlabel("KV bytes saved at 4K, proximal 1024 (%)")
+    pts = [(100 * saved[d, 1024, 4096], kl.get((f"pod:delta={d}", 1024, 4096))) for d in DELTAS]
+    pts = [(x, None, k) for x, k in pts]
+    ax2.set_xlabel("KV bytes saved, proximal 1024 (%)")
     ax2.set_ylabel("accuracy (full cache: 1.00)")
     ax2.set_ylim(-0.05, 1.05)
     ax3 = ax2.twinx()
     ax3.plot([p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], marker="s", color="C3",
-             ls="--", label="KL vs full (right)")
+             ls="--", label="KL vs full at 4K (right)")
     ax3.set_yscale("log")
     ax3.set_ylabel("KL mean (nats/token)")
-    ax2.set_title("quality at 4K, training-free", fontsize=10)
+    ax2.set_title("niah_multikey (3 depths) and KL, training-free", fontsize=10)
     h1, l1 = ax2.get_legend_handles_labels()
     h2, l2 = ax3.get_legend_handles_labels()
     ax2.legend(h1 + h2, l1 + l2, fontsize=8, loc="center left")

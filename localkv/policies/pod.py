@@ -32,7 +32,7 @@ class POD(Policy):
 
     sinks: int = 16
     delta: float = 0.0  # 0: the profile's own (calibrated) default
-    proximal: int = 0   # pod+<policy>: the proximal size n_s + n_r (0: a quarter of the budget)
+    proximal: int = 0   # pod+<policy>: the proximal size n_s + n_r (0: budget/4, at least sinks + 256)
     protect: int = 0    # this many retrieval heads (SurfaceLogicKV's profile, highest first) never follow
     profile: str = ""
     evict: Policy | None = field(default=None, repr=False)  # the composed eviction policy (pod+<policy>)
@@ -54,7 +54,9 @@ class POD(Policy):
     def proximal_size(self, budget: int) -> int:
         if self.evict is None:
             return budget
-        return self.proximal or max(self.sinks + 32, budget // 4)
+        # by default a quarter of the budget, and at least 256 recent tokens when the budget allows: a prefill
+        # ubatch is at most the recent ring, and ubatches much shorter than 256 run slowly on a CPU
+        return self.proximal or min(budget, max(self.sinks + 256, budget // 4))
 
     def n_recent(self, budget: int) -> int:
         return self.proximal_size(budget) - self.sinks
