@@ -455,7 +455,8 @@ def plot_profile(profile: dict, path: str) -> None:
 POD_KIND = "pod"
 DEFAULT_POD_PROBES = 8
 DEFAULT_LAST_QUERIES = 8
-DEFAULT_POD_DELTA = 0.5  # the paper's
+DEFAULT_POD_DELTA = 0.6  # the paper uses 0.5; on the default model, training-free, 0.6 is the most sharing that kept
+# every needle and a KL under 0.02 at 4K (README, "POD: attention shared across layers")
 
 
 def js_similarity(p: np.ndarray, q: np.ndarray) -> np.ndarray:

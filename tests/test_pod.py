@@ -29,7 +29,7 @@ class FixedPOD(POD):
     """POD with the blocks above instead of a calibrated profile."""
 
     def prepare(self, engine):
-        self.leaders, self.delta_used, self.context, self.profile_path = LEADERS, 0.5, engine.n_ctx, "(test)"
+        self.leaders, self.context, self.profile_path = LEADERS, engine.n_ctx, "(test)"
         if self.evict is not None:
             self.evict.prepare(engine)
 
@@ -247,7 +247,7 @@ def test_cli_pod_memory_generate_and_errors(model_path):
     assert rc == 0, err
     rep = json.loads(out)
     roles = [x for lm in rep["layers"] for x in lm["head_leaders"]]
-    assert sum(x >= 0 for x in roles) == 16  # the shipped profile at its default delta
+    assert sum(x >= 0 for x in roles) == 6  # the shipped profile at its default delta (0.6)
     full = rep["kv_bytes_full_f16"]
     assert rep["kv_bytes_allocated"] < full  # followers hold 256 K slots, not 4096
     rc, out, err = run("memory", "--policy", "pod", "--budget", "256", "--ctx", "4096")

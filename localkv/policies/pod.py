@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import capi
+from ..calibrate import DEFAULT_POD_DELTA
 from ..errors import LocalkvError
 from .base import Policy
 
@@ -31,7 +32,7 @@ class POD(Policy):
     not_arguments = ("window", "span", "pool", "whole_words", "consensus", "evict", "context")
 
     sinks: int = 16
-    delta: float = 0.0  # 0: the profile's own (calibrated) default
+    delta: float = DEFAULT_POD_DELTA  # chosen from the measured curve (localkv.calibrate)
     proximal: int = 0   # pod+<policy>: the proximal size n_s + n_r (0: budget/4, at least sinks + 256)
     protect: int = 0    # this many retrieval heads (SurfaceLogicKV's profile, highest first) never follow
     profile: str = ""
@@ -68,7 +69,7 @@ class POD(Policy):
         if self.sinks < 0:
             raise LocalkvError(f"sinks must be >= 0, got {self.sinks}")
         if not 0.0 <= self.delta <= 1.0:
-            raise LocalkvError(f"delta must be in [0, 1] (0: the profile's default), got {self.delta}")
+            raise LocalkvError(f"delta must be in [0, 1], got {self.delta}")
         if self.protect < 0:
             raise LocalkvError(f"protect must be >= 0, got {self.protect}")
         if self.proximal < 0:
@@ -120,8 +121,7 @@ class POD(Policy):
             raise LocalkvError(f"POD profile {path} has {sim.shape[0] + 1} layers x {sim.shape[1]} KV heads, the model "
                                f"{len(engine.kv_layers)} x {max(engine.kv_heads)}")
         self.profile_path = str(path)
-        self.delta_used = self.delta or float(prof["delta"])
-        self.leaders = pod_blocks(sim, self.delta_used)  # [layers, KV heads]: the layer each head follows
+        self.leaders = pod_blocks(sim, self.delta)  # [layers, KV heads]: the layer each head follows
         if self.protect:
             self.leaders = protect_retrieval_heads(self.leaders, engine, self.protect)
         self.context = engine.n_ctx
