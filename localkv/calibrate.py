@@ -371,19 +371,27 @@ def calibrate(model: str | None = None, *, probes: int = DEFAULT_PROBES, seed: i
 
 
 def load_or_calibrate(engine, progress: Callable[[int, int], None] | None = None) -> tuple[dict, Path]:
-    """The profile of the engine's model: the user's, else the shipped one, else calibrated now and saved."""
+    """The SurfaceLogicKV profile of the engine's model: the user's, else the shipped one, else calibrated now
+    and saved."""
+    return _load_or_calibrate(engine, PROFILE_KIND, (len(engine.kv_layers), engine.shape.n_head), calibrate,
+                              DEFAULT_PROBES, "a few minutes", progress)
+
+
+def _load_or_calibrate(engine, kind: str, shape: tuple[int, int], run: Callable[..., dict], probes: int,
+                       takes: str, progress) -> tuple[dict, Path]:
+    """A profile of `kind` for the engine's model: the user's, else the shipped one, else `run` on `probes`
+    probes now (it takes about `takes`) and saved to the user cache."""
     from .models import file_sha256
     sha = file_sha256(engine.model_path)
-    shape = (len(engine.kv_layers), engine.shape.n_head)
-    path = find_profile(sha)
+    path = find_profile(sha, kind)
     if path is not None:
-        return read_profile(path, sha, shape), path
-    path = user_profile_path(sha)
-    print(f"localkv: no {PROFILE_KIND} profile for {Path(engine.model_path).name} yet: calibrating it once on "
-          f"{DEFAULT_PROBES} local probes (a few minutes), saved to {path}", file=sys.stderr)
-    profile = calibrate(shared_model=engine.model, probes=DEFAULT_PROBES, progress=progress, sha256=sha)
+        return read_profile(path, sha, shape, kind=kind), path
+    path = user_profile_path(sha, kind)
+    print(f"localkv: no {kind} profile for {Path(engine.model_path).name} yet: calibrating it once on "
+          f"{probes} local probes ({takes}), saved to {path}", file=sys.stderr)
+    profile = run(shared_model=engine.model, probes=probes, progress=progress, sha256=sha)
     write_profile(profile, path)
-    return read_profile(path, sha, shape), path
+    return read_profile(path, sha, shape, kind=kind), path
 
 
 # ---------------------------------------------------------------- showing a profile
@@ -619,18 +627,8 @@ def calibrate_pod(model: str | None = None, *, probes: int = DEFAULT_POD_PROBES,
 
 def load_or_calibrate_pod(engine, progress: Callable[[int, int], None] | None = None) -> tuple[dict, Path]:
     """The POD profile of the engine's model: the user's, else the shipped one, else calibrated now and saved."""
-    from .models import file_sha256
-    sha = file_sha256(engine.model_path)
-    shape = (len(engine.kv_layers), engine.shape.n_head_kv)
-    path = find_profile(sha, POD_KIND)
-    if path is not None:
-        return read_profile(path, sha, shape, kind=POD_KIND), path
-    path = user_profile_path(sha, POD_KIND)
-    print(f"localkv: no {POD_KIND} profile for {Path(engine.model_path).name} yet: calibrating it once on "
-          f"{DEFAULT_POD_PROBES} local probes (a minute or two), saved to {path}", file=sys.stderr)
-    profile = calibrate_pod(shared_model=engine.model, probes=DEFAULT_POD_PROBES, progress=progress, sha256=sha)
-    write_profile(profile, path)
-    return read_profile(path, sha, shape, kind=POD_KIND), path
+    return _load_or_calibrate(engine, POD_KIND, (len(engine.kv_layers), engine.shape.n_head_kv), calibrate_pod,
+                              DEFAULT_POD_PROBES, "a minute or two", progress)
 
 
 def pod_table(profile: dict, delta: float | None = None):

@@ -297,8 +297,7 @@ class Engine:
 
     @property
     def keeps_all(self) -> bool:
-        """Whether the policy compresses without evicting (plain POD): every head holds the whole context."""
-        return bool(getattr(self.policy, "keeps_all", False))
+        return self.policy.keeps_all
 
     def _set_phase(self, phase: str, observe: bool = True) -> None:
         """Switch on the statistics the policy needs in `phase`. Without `observe`, the ones every ubatch
@@ -414,7 +413,7 @@ class Engine:
         for a policy whose heads share their layer's budget, the layer's total over its total or a head past
         its limit (vectorised: step() asks after every token)."""
         first = self._head0[:-1]
-        if self.policy.shares_model_budget or getattr(self.policy, "groups_layers", False):
+        if self.policy.shares_model_budget or self.policy.groups_layers:
             over = used.sum() > targets.sum() or (limits is not None and bool((used > limits).any()))
             return list(range(len(first))) if over else []
         if self.policy.shares_layer_budget:
@@ -784,14 +783,15 @@ class Engine:
             for phase in (PREFILL, DECODE):  # the statistics the policy allocates over a prompt and a reply
                 self._set_phase(phase)
         layers = []
+        pod = capi.pod_state(self.ctx) if self.pod else None
         for i, (il, kb, vb) in enumerate(self.kv_layers if not self.compressing else capi.kv_layers(self.ctx)):
             lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb)
             if self.compressing:
                 cap, _alloc, used = capi.head_state(self.ctx, i)
                 lm.capacity, lm.used = int(cap.max()), int(used.max())
                 lm.head_capacities, lm.head_used = cap.tolist(), used.tolist()
-                if self.pod:
-                    lead, k_slots, _s, _r = capi.pod_state(self.ctx)
+                if pod is not None:
+                    lead, k_slots, _s, _r = pod
                     heads = self._heads_of(i)
                     # as model layers, like `layer`
                     lm.head_leaders = [self.kv_layers[x][0] if x >= 0 else -1 for x in lead[heads].tolist()]

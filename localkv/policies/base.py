@@ -162,6 +162,16 @@ class Policy:
         """Whether every head of the model shares one total budget (compress every layer when it is over)."""
         return False
 
+    @property
+    def groups_layers(self) -> bool:
+        """Whether layers are kept in groups (POD's blocks): every layer is compressed when one is over."""
+        return False
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether the policy compresses without evicting (plain POD): every head holds the whole context."""
+        return False
+
     # --- shared -----------------------------------------------------------------------------
 
     def min_budget(self) -> int:

@@ -37,6 +37,7 @@ class POD(Policy):
     protect: int = 0    # this many retrieval heads (SurfaceLogicKV's profile, highest first) never follow
     profile: str = ""
     evict: Policy | None = field(default=None, repr=False)  # the composed eviction policy (pod+<policy>)
+    context: int = field(default=1 << 20, repr=False)  # set by prepare: what plain POD holds per head
 
     def __post_init__(self):
         self.window = 0
@@ -108,20 +109,15 @@ class POD(Policy):
             return [self.context] * sum(heads)
         return self.evict.head_capacities(budget, heads)
 
-    context: int = field(default=1 << 20, repr=False)  # set by prepare: what plain POD holds per head
-
     def prepare(self, engine):
         from ..calibrate import load_or_calibrate_pod, pod_blocks, read_pod_profile
         if self.profile:
-            prof, path = read_pod_profile(Path(self.profile).expanduser()), Path(self.profile)
+            path = Path(self.profile).expanduser()
+            prof = read_pod_profile(path, shape=(len(engine.kv_layers), engine.shape.n_head_kv))
         else:
             prof, path = load_or_calibrate_pod(engine)
-        sim = np.asarray(prof["similarity"], dtype=np.float64)
-        if sim.shape != (len(engine.kv_layers) - 1, max(engine.kv_heads)):
-            raise LocalkvError(f"POD profile {path} has {sim.shape[0] + 1} layers x {sim.shape[1]} KV heads, the model "
-                               f"{len(engine.kv_layers)} x {max(engine.kv_heads)}")
         self.profile_path = str(path)
-        self.leaders = pod_blocks(sim, self.delta)  # [layers, KV heads]: the layer each head follows
+        self.leaders = pod_blocks(np.asarray(prof["similarity"], dtype=np.float64), self.delta)  # [layers, KV heads]: the layer each head follows
         if self.protect:
             self.leaders = protect_retrieval_heads(self.leaders, engine, self.protect)
         self.context = engine.n_ctx
@@ -149,9 +145,8 @@ class POD(Policy):
         if self.evict is None:
             raise LocalkvError("plain pod never evicts (a bug: the cache went over an unbounded capacity)")
         lead, _k_slots, n_sink, first = capi.pod_state(views[0].ctx)
-        by_layer = {v.index: v for v in views}
         head0 = np.concatenate([[0], np.cumsum([v.n_head_kv for v in views])])
-        if sorted(by_layer) != list(range(len(views))):
+        if [v.index for v in views] != list(range(len(views))):
             raise LocalkvError("pod compresses every layer together (a bug: some layers were left out)")
 
         def scores_of(v):
