@@ -283,6 +283,7 @@ class Engine:
         self._words.reset()
         self._history_text = ""
         self._unscored, self._span_tail = [], []
+        self._stats_phase = None  # the next phase asks for its statistics again
 
     # ---------------------------------------------------------------- compression
 

@@ -32,16 +32,40 @@ class GgmlTensor(ctypes.Structure):
     ]
 
 
-_base = ctypes.CDLL(None)  # ggml-base is already loaded by libllama
-_get = getattr(_base, "ggml_backend_tensor_get", None)
-if _get is None:  # pragma: no cover
-    import pathlib
-    _lib_dir = pathlib.Path(ll.__file__).parent / "lib"
-    _get = ctypes.CDLL(str(_lib_dir / "libggml-base.so")).ggml_backend_tensor_get
+def _ggml_base_function(name: str):
+    """A function of the libggml-base that libllama loaded (found globally, else next to libllama)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except AttributeError:
+        import pathlib
+        lib_dir = pathlib.Path(ll._lib._name).parent
+        return getattr(ctypes.CDLL(str(lib_dir / "libggml-base.so")), name)
+
+
+_get = _ggml_base_function("ggml_backend_tensor_get")
 _get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _get.restype = None
 
 F32 = 0
+
+_op_name = _ggml_base_function("ggml_op_name")
+_op_name.argtypes = [ctypes.c_int]
+_op_name.restype = ctypes.c_char_p
+
+
+class OpCount:
+    """Counts the ops (ggml_op_name) of every node llama.cpp computes: ggml's eval callback asks about each
+    node once; answering no keeps the graph computed in one piece."""
+
+    def __init__(self):
+        self.ops: dict[str, int] = {}
+        self.callback = ll.ggml_backend_sched_eval_callback(self._cb)
+
+    def _cb(self, t_ptr, ask, user_data):
+        if ask:
+            op = _op_name(ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents.op).decode()
+            self.ops[op] = self.ops.get(op, 0) + 1
+        return False if ask else True
 
 
 class GraphDump:

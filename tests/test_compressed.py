@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import make_engine, raw_decode
-from graph_dump import GraphDump
+from graph_dump import GraphDump, OpCount
 from localkv import capi
 from localkv.errors import LocalkvError
 
@@ -174,6 +174,24 @@ def test_statistics_match_numpy_from_the_same_forward_pass(dumped):
         vnorm = capi.get_stat(eng.ctx, ikv, capi.STAT_VNORM, N_HEAD_KV)
         np.testing.assert_allclose(vnorm, (v ** 2).sum(-1).T, rtol=1e-4, atol=1e-4)
     assert li == len(layers) - 1
+
+
+def test_statistics_sum_their_queries_in_place(model_path):
+    """On the CPU the observed queries' probabilities are summed by one out_prod per layer, read where the softmax
+    left them: no transposed copy and sum_rows (the form for a device without out_prod, twice the cost)."""
+    ops = {}
+    for stats in ([capi.STAT_OBS], []):
+        count = OpCount()
+        with make_engine(model_path, policy="snapkv", budget=64, chunk=64, eval_callback=count.callback) as eng:
+            capi.set_stats(eng.ctx, stats, 16)
+            eng._stats_phase = "manual"
+            count.ops.clear()
+            raw_decode(eng, eng.model.tokenize(TEXT)[:40])
+        ops[bool(stats)] = count.ops
+    assert ops[True].get("OUT_PROD", 0) == N_LAYER
+    assert ops[False].get("OUT_PROD", 0) == 0
+    assert ops[True].get("SUM_ROWS", 0) == ops[False].get("SUM_ROWS", 0)
+    assert ops[True]["SOFT_MAX"] - ops[False].get("SOFT_MAX", 0) == N_LAYER  # the statistic's own softmax
 
 
 def test_keep_moves_exactly_the_requested_tokens(dumped):
