@@ -228,24 +228,6 @@ def test_a_bad_pod_profile_is_one_clear_error(recorded, tmp_path):
     assert_one_line(e, "not a valid surfacelogickv profile")
 
 
-def test_pod_profiles_are_written_atomically(tmp_path, monkeypatch):
-    target = tmp_path / "p.json"
-    sim = np.array([[0.9, 0.1], [0.2, 0.7]])
-    prof = {"format": 1, "kind": "pod", "model_sha256": "ab" * 32, "n_layer": 3, "kv_heads": [2, 2, 2],
-            "delta": 0.5, "similarity": sim, "leaders": cal.pod_blocks(sim, 0.5)}
-    cal.write_profile(prof, target)
-    before = target.read_bytes()
-
-    def boom(*_a, **_k):
-        raise OSError("disk full")
-    monkeypatch.setattr(json, "dump", boom)
-    with pytest.raises(OSError):
-        cal.write_profile({**prof, "similarity": sim / 2, "leaders": cal.pod_blocks(sim / 2, 0.5)}, target)
-    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.json"]
-    back = cal.read_profile(target, "ab" * 32, (3, 2), kind="pod")
-    assert back["similarity"].tolist() == sim.tolist() and back["leaders"].tolist() == [[0, 0], [0, 1], [2, 1]]
-
-
 def test_delta_and_arguments_are_checked():
     for bad in (-0.1, 1.01, 2, float("nan")):
         with pytest.raises(LocalkvError) as e:

@@ -297,10 +297,22 @@ def test_a_bad_profile_is_one_clear_error(model_path, tmp_path):
         make_engine(model_path, policy="surfacelogickv", budget=64, policy_args={"profile": str(bad)})
 
 
-def test_profiles_are_written_atomically(tmp_path, monkeypatch):
-    target = tmp_path / "p.json"
+def _profile_and_change(kind):
+    """A small profile of `kind`, a changed copy of it, and how to read it back (for the write tests)."""
+    if kind == "pod":
+        sim = np.array([[0.9, 0.1], [0.2, 0.7]])
+        prof = {"format": 1, "kind": "pod", "model_sha256": "ab" * 32, "n_layer": 3, "kv_heads": [2, 2, 2],
+                "delta": 0.5, "similarity": sim, "leaders": cal.pod_blocks(sim, 0.5)}
+        return prof, {**prof, "similarity": sim / 2, "leaders": cal.pod_blocks(sim / 2, 0.5)}, ((3, 2), "pod")
     prof = {"format": 1, "kind": "surfacelogickv", "model_sha256": "ab" * 32, "kv_heads": [1],
             "surface": np.zeros((1, 2)), "logic": np.ones((1, 2))}
+    return prof, {**prof, "logic": np.full((1, 2), 2.0)}, ((1, 2), "surfacelogickv")
+
+
+@pytest.mark.parametrize("kind", ["surfacelogickv", "pod"])
+def test_profiles_are_written_atomically(tmp_path, monkeypatch, kind):
+    target = tmp_path / "p.json"
+    prof, changed, (shape, read_kind) = _profile_and_change(kind)
     cal.write_profile(prof, target)
     before = target.read_bytes()
 
@@ -308,8 +320,13 @@ def test_profiles_are_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(json, "dump", boom)
     with pytest.raises(OSError):
-        cal.write_profile({**prof, "logic": np.full((1, 2), 2.0)}, target)
+        cal.write_profile(changed, target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.json"]
-    assert cal.read_profile(target, "ab" * 32, (1, 2))["logic"].tolist() == [[1.0, 1.0]]
+    back = cal.read_profile(target, "ab" * 32, shape, kind=read_kind)
+    if kind == "pod":
+        assert back["similarity"].tolist() == prof["similarity"].tolist()
+        assert back["leaders"].tolist() == [[0, 0], [0, 1], [2, 1]]
+    else:
+        assert back["logic"].tolist() == [[1.0, 1.0]]
     with pytest.raises(LocalkvError, match="another model"):
-        cal.read_profile(target, "cd" * 32)
+        cal.read_profile(target, "cd" * 32, kind=read_kind)
