@@ -1,15 +1,21 @@
 """Build and install the patched llama.cpp (as the `llama_cpp` Python package).
 
     python -m localkv.build            # fetch, verify, patch, build (or reuse the cache), install
-    python -m localkv.build --check    # only check that every patch applies
-    python -m localkv.build tree DIR   # a git tree of the pinned llama.cpp, one commit per patch
-    python -m localkv.build export DIR # regenerate patches/ from such a tree
+    python -m localkv.build --check    # only check that our sources and every hook patch apply
+    python -m localkv.build tree DIR   # a git tree of the pinned llama.cpp with our sources and hooks
+    python -m localkv.build export DIR # write patches/ back from such a tree
+
+patches/ holds what we add to the vendored llama.cpp: our own files as ordinary
+source (patches/include/ and patches/src/, copied to the same folders of
+vendor/llama.cpp, where none of them may exist already) and a few small hook
+patches into upstream files (patches/NNNN-*.patch, applied in order).
 
 Steps: download the pinned llama-cpp-python sdist with pip, check its sha256,
-`git apply --check` then `git apply` every patch in patches/ (in order) to its
-vendor/llama.cpp, build a wheel with a lean target list, keep it in a cache
-keyed by (sdist hash, patch hashes, build flags), and pip-install it.  A second
-run with nothing changed installs the cached wheel in seconds.
+copy our sources into its vendor/llama.cpp, `git apply --check` then
+`git apply` every hook patch, build a wheel with a lean target list, keep it in
+a cache keyed by (sdist hash, source and patch hashes, build flags), and
+pip-install it.  A second run with nothing changed installs the cached wheel in
+seconds.
 
 CPU by default; LOCALKV_CUDA=1 adds -DGGML_CUDA=ON; CMAKE_ARGS passes through
 (and is part of the cache key); on macOS the sdist turns Metal on by itself.
@@ -35,6 +41,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PATCH_DIR = REPO_ROOT / "patches"
+SOURCE_DIRS = ("include", "src")  # patches/<dir>/* is copied to vendor/llama.cpp/<dir>/
 VENDOR = "vendor/llama.cpp"
 
 # Only what the Python bindings load: libllama (+ ggml backends, pulled in as
@@ -61,7 +68,13 @@ def cache_dir() -> Path:
 
 
 def patch_files() -> list[Path]:
+    """The hook patches into upstream files, in the order they apply."""
     return sorted(PATCH_DIR.glob("[0-9][0-9][0-9][0-9]-*.patch"))
+
+
+def source_files() -> list[Path]:
+    """Our own C/C++ files, relative to patches/ (and so to the vendored llama.cpp they are copied into)."""
+    return sorted(p.relative_to(PATCH_DIR) for d in SOURCE_DIRS for p in (PATCH_DIR / d).glob("*") if p.is_file())
 
 
 def sha256_file(path: Path) -> str:
@@ -85,9 +98,9 @@ def build_flags() -> list[str]:
 def cache_key(flags: list[str]) -> str:
     h = hashlib.sha256()
     h.update(SDIST_SHA256.encode())
-    for p in patch_files():
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
+    for rel in [*source_files(), *(p.relative_to(PATCH_DIR) for p in patch_files())]:
+        h.update(str(rel).encode())
+        h.update(sha256_file(PATCH_DIR / rel).encode())
     h.update(json.dumps(flags).encode())
     h.update(f"{sys.implementation.cache_tag}-{platform.machine()}-{platform.system()}".encode())
     return h.hexdigest()[:24]
@@ -132,8 +145,19 @@ def extract_sdist(sdist: Path, into: Path) -> Path:
     return into / f"llama_cpp_python-{PIN}"
 
 
+def copy_sources(llama: Path) -> None:
+    """Our own files into the vendored llama.cpp; each must be new there (a hook patch changes upstream's)."""
+    for rel in source_files():
+        dest = llama / rel
+        if dest.exists():
+            raise BuildError(f"patches/{rel} would overwrite llama.cpp's own {rel}; change upstream files by a hook patch")
+        shutil.copy2(PATCH_DIR / rel, dest)
+
+
 def apply_patches(src: Path) -> None:
-    """git apply --check, then git apply, each patch in order; stop at the first that fails."""
+    """Copy our sources in, then git apply --check and git apply each hook patch in order; stop at the first
+    that fails."""
+    copy_sources(src / VENDOR)
     for p in patch_files():
         for args in (["--check"], []):
             res = subprocess.run(["git", "apply", *args, f"--directory={VENDOR}", str(p)],
@@ -188,7 +212,8 @@ def wheel_for_current_config(force: bool = False) -> Path:
         tmp = Path(tmp)
         src = extract_sdist(sdist, work)
         apply_patches(src)
-        print(f"localkv: applied {len(patch_files())} patches; building llama.cpp "
+        print(f"localkv: added {len(source_files())} source files and applied {len(patch_files())} hook patches; "
+              f"building llama.cpp "
               f"(flags: {' '.join(flags)}) -- several minutes on a cold cache", flush=True)
         log = cache_dir() / "build.log"
         log.write_text("")
@@ -198,7 +223,8 @@ def wheel_for_current_config(force: bool = False) -> Path:
         staging = Path(tempfile.mkdtemp(dir=slot.parent, prefix=".staging-"))
         shutil.copy2(wheel, staging / wheel.name)
         (staging / "build.json").write_text(json.dumps(
-            {"flags": flags, "patches": [p.name for p in patch_files()], "seconds": round(time.time() - t0, 1)}))
+            {"flags": flags, "sources": [str(p) for p in source_files()], "patches": [p.name for p in patch_files()],
+             "seconds": round(time.time() - t0, 1)}))
         if slot.exists():
             shutil.rmtree(slot)
         os.replace(staging, slot)
@@ -224,7 +250,8 @@ def install(force: bool = False) -> None:
 
 
 def make_tree(dest: Path) -> None:
-    """A git repository of the pinned vendored llama.cpp with one commit per patch (for editing patches)."""
+    """A git repository of the pinned vendored llama.cpp (tag localkv-base), then one commit with our sources,
+    then one commit per hook patch: edit it as code, commit, and `export` writes patches/ back."""
     if dest.exists():
         raise BuildError(f"{dest} already exists")
     sdist = fetch_sdist()
@@ -237,21 +264,40 @@ def make_tree(dest: Path) -> None:
     run(["git", "add", "-A"], cwd=dest)
     run(git + ["commit", "-q", "-m", f"llama.cpp vendored in llama-cpp-python {PIN}"], cwd=dest)
     run(["git", "tag", "localkv-base"], cwd=dest)
+    copy_sources(dest)
+    run(["git", "add", "--", *map(str, source_files())], cwd=dest)
+    run(git + ["commit", "-q", "-m", "localkv: own sources (patches/include, patches/src)"], cwd=dest)
     for p in patch_files():
         run(git + ["am", "-q", str(p)], cwd=dest)
 
 
+def git_lines(tree: Path, *args: str) -> list[str]:
+    res = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"git {args[0]} failed in {tree}: {(res.stderr.strip().splitlines() or ['no detail'])[0]}")
+    return [line for line in res.stdout.splitlines() if line]
+
+
 def export_tree(tree: Path) -> None:
-    """Rewrite patches/ from the commits on top of the tree's base tag."""
+    """Write patches/ back from a tree made by `tree`: files the commits since localkv-base added under
+    include/ and src/ become our sources; what they changed in upstream's files becomes the hook patches,
+    one per commit that touches upstream (squash a fix into the hook it fixes before exporting)."""
+    added = git_lines(tree, "diff", "--name-only", "--diff-filter=A", "localkv-base", "HEAD")
+    stray = [f for f in added if Path(f).parent.as_posix() not in SOURCE_DIRS]
+    if stray:
+        raise BuildError(f"new files outside {'/, '.join(SOURCE_DIRS)}/ are not exported: {', '.join(stray)}")
     with tempfile.TemporaryDirectory() as tmp:
         run(["git", "format-patch", "-q", "--no-signature", "--zero-commit", "--no-stat",
-             "-o", tmp, "localkv-base..HEAD"], cwd=tree)
+             "-o", tmp, "localkv-base..HEAD", "--", ".", *[f":(exclude){f}" for f in added]], cwd=tree)
         new = sorted(Path(tmp).glob("*.patch"))
-        for old in patch_files():
+        for old in [*patch_files(), *(PATCH_DIR / f for f in source_files())]:
             old.unlink()
         for p in new:
             shutil.copy2(p, PATCH_DIR / p.name)
-    print(f"localkv: wrote {len(new)} patches to {PATCH_DIR}")
+        for f in added:
+            (PATCH_DIR / f).parent.mkdir(exist_ok=True)
+            shutil.copy2(tree / f, PATCH_DIR / f)
+    print(f"localkv: wrote {len(added)} source files and {len(new)} hook patches to {PATCH_DIR}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.check:
             with tempfile.TemporaryDirectory() as tmp:
                 apply_patches(extract_sdist(fetch_sdist(), Path(tmp)))
-            print(f"localkv: all {len(patch_files())} patches apply to llama-cpp-python {PIN}")
+            print(f"localkv: our {len(source_files())} source files and all {len(patch_files())} hook patches "
+                  f"apply to llama-cpp-python {PIN}")
         elif args.action == "install":
             install(args.force)
         elif args.dir is None:
