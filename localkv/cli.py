@@ -681,15 +681,15 @@ def bench_memory(
 @bench_app.command("report")
 def bench_report(
     results: Path = typer.Option(Path("bench/results"), "--results", help="directory of committed result files"),
-    readme: Path = typer.Option(Path("README.md"), "--readme"),
+    doc: Path = typer.Option(Path("docs/results.md"), "--doc", help="document to update"),
 ):
-    """Regenerate the README's results section (tables and plots) from committed result files."""
+    """Regenerate the generated tables and plots of docs/results.md from committed result files."""
     def body():
-        from .bench.readme import update_readme
+        from .bench.results_doc import update_doc
         if not results.is_dir():
             raise LocalkvError(f"no results directory {results}")
-        update_readme(readme, results)
-        out.print(f"updated {readme} from {results}")
+        update_doc(doc, results)
+        out.print(f"updated {doc} from {results}")
     run_guarded(body)
 
 

@@ -1,4 +1,4 @@
-"""Bench plumbing without a model: seeded tasks, scoring, resumable results, the README section."""
+"""Bench plumbing without a model: seeded tasks, scoring, resumable results, the results document."""
 import json
 
 import pytest
@@ -61,21 +61,56 @@ def test_grid_runs_full_once_per_length():
         ("snapkv", 4096, 8192)]
 
 
-def test_readme_section_is_regenerated_from_results(tmp_path):
-    from localkv.bench import readme
-    res = tmp_path / "results"
-    res.mkdir()
-    rec = {"config": {"bench": "kl", "policy": "snapkv", "budget": 128, "length": 2048, "model": None},
-           "result": {"kl_mean": 0.01, "kl_p99": 0.2, "ppl": 3.0, "ppl_full": 2.9, "top1_agree": 0.95},
-           "date": "2026-11-23"}
-    (res / "kl.jsonl").write_text(json.dumps(rec) + "\n")
-    md = tmp_path / "README.md"
-    md.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\ntail\n")
-    readme.update_readme(md, res)
-    text = md.read_text()
+def _kl_record(policy="snapkv", date="2026-11-23", **extra):
+    return {"config": {"bench": "kl", "policy": policy, "budget": 128, "length": 2048, "model": None},
+            "result": {"kl_mean": 0.01, "kl_p99": 0.2, "ppl": 3.0, "ppl_full": 2.9, "top1_agree": 0.95},
+            "date": date, **extra}
+
+
+def test_results_doc_section_is_regenerated_from_results(tmp_path):
+    from localkv.bench import results_doc
+    res = tmp_path / "bench" / "results"
+    res.mkdir(parents=True)
+    (res / "kl.jsonl").write_text(json.dumps(_kl_record()) + "\n")
+    (res / "speed.jsonl").write_text(json.dumps({
+        "config": {"bench": "speed", "policy": "full", "budget": None, "length": 1024, "model": None},
+        "result": {"prefill_tokens_per_s": 200.0, "decode_tokens_per_s": 40.0, "kv_bytes_allocated": 2**20,
+                   "kv_bytes_full_f16": 2**20, "kv_stats_bytes": 0, "compute_bytes": 0, "peak_rss_bytes": 2**20,
+                   "compress_s_total": 0.0},
+        "date": "2026-11-23", "machine": "Some CPU, 2 cores"}) + "\n")
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# x\n\n{results_doc.BEGIN}\nold\n{results_doc.END}\n\ntail\n")
+    results_doc.update_doc(doc, res)
+    text = doc.read_text()
     assert "old" not in text and "tail" in text
     assert "| 2048 | snapkv | 128 | 0.0100 |" in text
-    assert "2026-11-23" in text
+    assert "_Measured 2026-11-23 (machine not recorded);" in text    # an old result: never today's machine
+    assert "_Measured 2026-11-23 on Some CPU, 2 cores;" in text      # a new one: the machine it recorded
+    assert "](../bench/results/decode.png)" in text                  # links resolve from the document's folder
+    assert (res / "decode.png").exists()
+
+
+def test_rows_from_different_machines_get_a_table_each():
+    from localkv.bench import results_doc
+    from localkv.bench.report import kl_table
+    recs = [_kl_record("snapkv", machine="A, 2 cores"), _kl_record("h2o", "2026-11-24", machine="B, 16 cores"),
+            _kl_record("full", "2026-11-25")]
+    parts = results_doc._tables(kl_table, recs)
+    assert [p.splitlines()[0] for p in parts[::2]] == [
+        "_Measured 2026-11-23 on A, 2 cores; model: default model (qwen2.5-coder-0.5b-instruct-q4_k_m)._",
+        "_Measured 2026-11-24 on B, 16 cores; model: default model (qwen2.5-coder-0.5b-instruct-q4_k_m)._",
+        "_Measured 2026-11-25 (machine not recorded); model: default model (qwen2.5-coder-0.5b-instruct-q4_k_m)._"]
+    assert ["| 2048 | snapkv |" in parts[1], "| 2048 | h2o |" in parts[3], "| 2048 | full |" in parts[5]] == [True] * 3
+
+
+def test_each_result_records_the_machine_it_ran_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "run_worker", lambda module, cfg: {"x": 1})
+    monkeypatch.setattr(common, "machine_note", lambda: "Some CPU, 2 cores")
+    out = tmp_path / "r.jsonl"
+    common.run_grid("speed", [{"policy": "a", "budget": 1}], out, progress=False)
+    (rec,) = common.load_results(out).values()
+    assert rec["machine"] == "Some CPU, 2 cores" and rec["result"] == {"x": 1}
 
 
 def test_quality_grid_adds_quantized_and_kvpress_anchors():

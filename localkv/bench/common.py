@@ -62,6 +62,7 @@ def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, l
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     done = load_results(out_file)
+    machine = machine_note()  # each result says where it ran (bench report prints it with its table)
     todo = [c for c in configs if config_key(c) not in done]
     records = [done[config_key(c)] for c in configs if config_key(c) in done]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -72,7 +73,7 @@ def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, l
             t0 = time.time()
             result = run_worker(cfg.get("worker", module), cfg)
             rec = {"config": cfg, "result": result, "seconds": round(time.time() - t0, 1),
-                   "date": time.strftime("%Y-%m-%d")}
+                   "date": time.strftime("%Y-%m-%d"), "machine": machine}
             append_result(out_file, rec)
             records.append(rec)
             bar.advance(task)
@@ -87,13 +88,19 @@ def anchor_configs(base: dict, kv_types: list[str], lengths: list[int]) -> list[
 
 
 def machine_note() -> str:
-    import os
+    """The CPU, its cores and any NVIDIA GPU: 'AMD EPYC 7B13, 2 cores' or '..., 16 cores, NVIDIA H100 80GB HBM3'."""
     import platform
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores"
+    note = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
+    return ", ".join([note] + [g.strip() for g in gpus if g.strip()])
 
 
 def grid(policies: list[str], budgets: list[int], lengths: list[int], base: dict,

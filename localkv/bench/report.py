@@ -1,4 +1,4 @@
-"""Tables from bench results: a rich table on the terminal, or Markdown for the README."""
+"""Tables from bench results: a rich table on the terminal, or Markdown for docs/results.md."""
 from __future__ import annotations
 
 from rich.table import Table
@@ -9,7 +9,7 @@ def _mib(n: float) -> str:
 
 
 def emit(head: list[str], rows: list[list[str]], console, markdown: bool, title: str, justify: str = "right") -> None:
-    """Print rows as a Markdown table (for the README) or a rich table."""
+    """Print rows as a Markdown table (for docs/results.md) or a rich table."""
     if markdown:
         console.print("| " + " | ".join(head) + " |", markup=False)
         console.print("|" + "---|" * len(head), markup=False)
