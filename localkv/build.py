@@ -40,7 +40,11 @@ SDIST_NAME = f"llama_cpp_python-{PIN}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PATCH_DIR = REPO_ROOT / "patches"
+# the checkout's patches/ when running from one (editable install, developers), else the copy that pyproject
+# ships inside the package as localkv.llama_patches (a wheel); the cache key hashes contents, so both find
+# the same cached wheel
+PATCH_DIR = (REPO_ROOT / "patches" if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "patches").is_dir()
+             else Path(__file__).resolve().parent / "llama_patches")
 SOURCE_DIRS = ("include", "src")  # patches/<dir>/* is copied to vendor/llama.cpp/<dir>/
 VENDOR = "vendor/llama.cpp"
 

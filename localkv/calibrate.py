@@ -36,7 +36,7 @@ from .errors import LocalkvError
 
 PROFILE_FORMAT = 1
 PROFILE_KIND = "surfacelogickv"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "profiles"  # package data
 DEFAULT_PROBES = 24
 PROBE_LENGTHS = (500, 1000, 2000)  # tokens of haystack, cycled over the probes
 
@@ -251,7 +251,7 @@ def write_profile(profile: dict, path: Path) -> None:
 
 
 def find_profile(sha256: str, kind: str = PROFILE_KIND) -> Path | None:
-    """The user's own calibration first, else the one shipped in models/profiles."""
+    """The user's own calibration first, else the one shipped in localkv/data/profiles."""
     for p in (user_profile_path(sha256, kind), shipped_profile_path(sha256, kind)):
         if p.is_file():
             return p

@@ -36,10 +36,8 @@ from typing import Any, BinaryIO
 from localkv import gguf_info
 from localkv.errors import LocalkvError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REGISTRY_PATH = REPO_ROOT / "models" / "registry.json"
-# A non-editable install has no repo root; pyproject ships a copy in the package.
-_PACKAGED_REGISTRY = Path(__file__).resolve().parent / "registry.json"
+# package data (pyproject's package-data): there in a checkout and in an installed wheel alike
+REGISTRY_PATH = Path(__file__).resolve().parent / "data" / "registry.json"
 
 BLOCK = 1 << 20  # copy/hash granularity: the file is never held in memory
 
@@ -64,7 +62,7 @@ class ModelInfo:
 
 
 def load_registry() -> list[dict[str, Any]]:
-    path = REGISTRY_PATH if REGISTRY_PATH.is_file() else _PACKAGED_REGISTRY
+    path = REGISTRY_PATH
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

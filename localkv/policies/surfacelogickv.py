@@ -23,7 +23,7 @@ class SurfaceLogicKV(SnapKV):
     The paper's formulas are not public: this is the reading in shared/research/policies.md. Choices made
     here: teacher-forced answers (the greedy token decides a copy), group scores summed, weights 1 and 1.
     `profile`: a profile file to use instead of the model's own (the user's calibration, else the one in
-    models/profiles, else calibrated on first use and saved in the user cache).
+    localkv/data/profiles, else calibrated on first use and saved in the user cache).
     """
 
     name = "surfacelogickv"
