@@ -175,11 +175,11 @@ def render(results: Path, rel: str) -> str:
                   "the needle over the document):", "", *_tables(quality_table, quality),
                   f"![accuracy]({rel}/accuracy.png)", ""]
         if any(r["config"]["policy"].startswith(PREFIX) for r in quality):
-            parts += ["### Against NVIDIA kvpress", "", stamp(quality),
+            parts += ["### Against NVIDIA kvpress", "",
                       "The same prompts and budgets through kvpress's matching press on transformers (the same GGUF, "
                       "dequantized to float32 on the CPU); KV MiB is what each cache holds after the prompt "
                       "(ours: f16, what llama.cpp allocated, from the result files; kvpress: float32):", "",
-                      _markdown(kvpress_table, quality), ""]
+                      stamp(quality), _markdown(kvpress_table, quality), ""]
     kl = _records(results / "kl.jsonl")
     if kl:
         parts += ["### KL divergence against the full cache", "",
