@@ -1,8 +1,10 @@
 """ctypes bindings for include/llama-localkv.h (the patched llama.cpp's extension API), nothing else.
 
-The functions live in the same libllama that `llama_cpp` loads. Importing this
-module checks that the library is the localkv-patched build with the ABI this
-package was written for, and raises LocalkvError naming the fix otherwise.
+The functions live in the same libllama that `llama_cpp` loads. The first use of
+`lib` or `llama_cpp` here (not the import: the policies import this module's
+constants, and they and their tests work without the library built) checks that
+the library is the localkv-patched build with the ABI this package was written
+for, and raises LocalkvError naming the fix otherwise.
 """
 from __future__ import annotations
 
@@ -58,8 +60,6 @@ def _load():
     return ll, lib
 
 
-llama_cpp, lib = _load()
-
 _SIGNATURES = {
     "llama_localkv_memory_bytes": (c_int64, [c_void_p]),
     "llama_localkv_compute_bytes": (c_int64, [c_void_p]),
@@ -84,10 +84,35 @@ _SIGNATURES = {
     "llama_localkv_pod_state": (c_int32, [c_void_p, POINTER(c_int32), POINTER(c_uint32), POINTER(c_uint32),
                                           POINTER(c_uint32), c_size_t]),
 }
-for _name, (_res, _args) in _SIGNATURES.items():
-    _f = getattr(lib, _name)
-    _f.restype = _res
-    _f.argtypes = _args
+_loaded: tuple | None = None
+
+
+def _library() -> tuple:
+    """(the llama_cpp module, its libllama with our signatures set), loaded and checked once, on first use."""
+    global _loaded
+    if _loaded is None:
+        ll, so = _load()
+        for name, (res, args) in _SIGNATURES.items():
+            f = getattr(so, name)
+            f.restype = res
+            f.argtypes = args
+        _loaded = ll, so
+    return _loaded
+
+
+class _OnFirstUse:
+    """Stands for the llama_cpp module (0) or its libllama (1): reading any attribute loads the library."""
+    __slots__ = ("_index",)
+
+    def __init__(self, index: int):
+        self._index = index
+
+    def __getattr__(self, name: str):
+        return getattr(_library()[self._index], name)
+
+
+llama_cpp = _OnFirstUse(0)
+lib = _OnFirstUse(1)
 
 
 class CapiError(LocalkvError):

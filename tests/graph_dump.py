@@ -6,10 +6,11 @@ and V of the same forward pass.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 
-import llama_cpp.llama_cpp as ll
+from localkv.capi import llama_cpp as ll  # loads the library on first use: importing this module needs none
 
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 
@@ -42,15 +43,23 @@ def _ggml_base_function(name: str):
         return getattr(ctypes.CDLL(str(lib_dir / "libggml-base.so")), name)
 
 
-_get = _ggml_base_function("ggml_backend_tensor_get")
-_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-_get.restype = None
+@functools.cache
+def _get():
+    f = _ggml_base_function("ggml_backend_tensor_get")
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    f.restype = None
+    return f
+
 
 F32 = 0
 
-_op_name = _ggml_base_function("ggml_op_name")
-_op_name.argtypes = [ctypes.c_int]
-_op_name.restype = ctypes.c_char_p
+
+@functools.cache
+def _op_name():
+    f = _ggml_base_function("ggml_op_name")
+    f.argtypes = [ctypes.c_int]
+    f.restype = ctypes.c_char_p
+    return f
 
 
 class OpCount:
@@ -63,7 +72,7 @@ class OpCount:
 
     def _cb(self, t_ptr, ask, user_data):
         if ask:
-            op = _op_name(ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents.op).decode()
+            op = _op_name()(ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents.op).decode()
             self.ops[op] = self.ops.get(op, 0) + 1
         return False if ask else True
 
@@ -106,6 +115,6 @@ class GraphDump:
             return True
         n = int(np.prod(ne))
         buf = np.empty(n, dtype=np.float32)
-        _get(t_ptr, buf.ctypes.data, 0, n * 4)
+        _get()(t_ptr, buf.ctypes.data, 0, n * 4)
         self._pass[name] = buf.reshape(ne[::-1])[0]  # [tokens, heads, head_dim]
         return True

@@ -16,7 +16,6 @@ from graph_dump import GraphDump
 from localkv import capi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from ragged_spread import SpreadSnapKV  # noqa: E402  (the policy the README's spread numbers use)
 from test_compressed import D, GROUP, N_HEAD, N_HEAD_KV, N_LAYER, TEXT, decode_and_check_kept
 
 pytestmark = pytest.mark.model
@@ -129,6 +128,7 @@ def test_an_engine_with_per_head_budgets_holds_them_and_answers(model_path):
     filler = "The river flows past the old mill and the wind moves the grass on the hills. "
     prompt = filler * 12 + "The vault password is BLUE-HERON-42. " + filler * 12 + \
         "Question: what is the vault password?"
+    from ragged_spread import SpreadSnapKV  # the policy the README's spread numbers use (its script loads the engine)
     spread = SpreadSnapKV()
     spread.spread = 3
     with make_engine(model_path, policy=spread, budget=192, chunk=128) as eng:
