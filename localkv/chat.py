@@ -7,14 +7,13 @@ conversation can go on far past the context.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .errors import LocalkvError
+from .fsutil import atomic_write
 
 HELP = """commands:
   /help            this list
@@ -63,15 +62,7 @@ def load_conversation(path: str) -> list[dict]:
 
 def save_conversation(path: str, messages: list[dict]) -> None:
     """Write atomically: a failed save never leaves a half-written file in place of a good one."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"messages": messages}, f, ensure_ascii=False, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: json.dump({"messages": messages}, f, ensure_ascii=False, indent=2))
 
 
 class ChatSession:

@@ -6,14 +6,13 @@ cache of the same number of tokens would take in f16, q8_0 and q4_0.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from .errors import LocalkvError
+from .fsutil import atomic_write
 
 if TYPE_CHECKING:  # the engine loads llama.cpp; fmt_bytes and the tables do not need it
     from .engine import MemoryReport
@@ -158,15 +157,8 @@ def save_png(fig, path: str) -> None:
     """Save a matplotlib figure atomically (a temp file renamed over the target) and close it."""
     import matplotlib.pyplot as plt
     check_png_path(path)
-    target = Path(path)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     finally:
         plt.close(fig)

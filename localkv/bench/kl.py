@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import atomic_write
+
 TEXT_DIR = Path("/usr/share/common-licenses")
 TEXT_FILES = ("GPL-3", "GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "MPL-1.1", "LGPL-2", "GPL-1",
               "CC0-1.0", "Artistic", "LGPL-3", "GFDL-1.2")
@@ -65,8 +67,7 @@ def run(cfg: dict) -> dict:
         with engine("full", None) as eng:
             eng.feed(ctx_tokens, want_logits=False)
             ref = eng.log_probs(eval_tokens[:-1]).astype(np.float16)
-        np.save(ref_path.with_suffix(".tmp.npy"), ref)
-        Path(str(ref_path.with_suffix(".tmp.npy"))).replace(ref_path)
+        atomic_write(ref_path, lambda f: np.save(f, ref), binary=True)
     ref = ref.astype(np.float64)
 
     # the reference is always the full f16 cache; a quantized full cache (an anchor) is measured against it

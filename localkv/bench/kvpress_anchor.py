@@ -35,12 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+from ..fsutil import written_aside
 
 PRESSES = {"full": None, "streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress",
            "h2o": "ObservedAttentionPress", "pyramidkv": "PyramidKVPress",
@@ -70,15 +70,11 @@ def _converted(gguf: Path) -> Path:
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".convert-"))
-    try:
+    with written_aside(target, directory=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
