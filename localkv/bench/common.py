@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..errors import LocalkvError
 
@@ -53,6 +54,13 @@ def run_worker(module: str, cfg: dict, timeout: float = 3600) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise LocalkvError(f"bench worker failed on {cfg}: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_main(run: Callable[[dict], dict]) -> None:
+    """A worker's side of run_worker (`python -m localkv.bench.<module> < config.json`): the config from stdin,
+    `run`'s result as one JSON line on stdout."""
+    cfg = json.loads(sys.stdin.read())
+    print(json.dumps(run(cfg)))
 
 
 def run_grid(module: str, configs: list[dict], out_file: Path, progress: bool, label: str = "bench") -> list[dict]:

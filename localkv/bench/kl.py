@@ -13,13 +13,12 @@ Worker: `python -m localkv.bench.kl < config.json`.
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..fsutil import atomic_write
+from .common import worker_main
 
 TEXT_DIR = Path("/usr/share/common-licenses")
 TEXT_FILES = ("GPL-3", "GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "MPL-1.1", "LGPL-2", "GPL-1",
@@ -87,10 +86,5 @@ def run(cfg: dict) -> dict:
             "top1_agree": float((got.argmax(1) == ref.argmax(1)).mean())}
 
 
-def main() -> None:
-    cfg = json.loads(sys.stdin.read())
-    print(json.dumps(run(cfg)))
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run)

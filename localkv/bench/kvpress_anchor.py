@@ -33,14 +33,13 @@ Worker: `python -m localkv.bench.kvpress_anchor < config.json`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 
 from ..fsutil import written_aside
+from .common import worker_main
 
 PRESSES = {"full": None, "streamingllm": "StreamingLLMPress", "snapkv": "SnapKVPress",
            "h2o": "ObservedAttentionPress", "pyramidkv": "PyramidKVPress",
@@ -161,10 +160,5 @@ def run(cfg: dict) -> dict:
             "kvpress_version": version("kvpress")}
 
 
-def main() -> None:
-    cfg = json.loads(sys.stdin.read())
-    print(json.dumps(run(cfg)))
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run)

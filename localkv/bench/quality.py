@@ -13,9 +13,9 @@ configuration with one engine and prints per-sample scores as JSON.
 """
 from __future__ import annotations
 
-import json
-import sys
 import time
+
+from .common import worker_main
 
 SETTINGS = ("aware", "agnostic", "twoturn", "chat")
 FIRST_TURN = "In one short sentence, what kind of text is the above?"
@@ -118,10 +118,5 @@ def run(cfg: dict) -> dict:
     return {"accuracy": sum(scores) / len(scores), "samples": results, "seconds": round(time.time() - t0, 1)}
 
 
-def main() -> None:
-    cfg = json.loads(sys.stdin.read())
-    print(json.dumps(run(cfg)))
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(run)

@@ -8,10 +8,10 @@ buffers, the compute buffers and the process's peak RSS. Run as a worker:
 """
 from __future__ import annotations
 
-import json
 import random
-import sys
 import time
+
+from .common import worker_main
 
 WORDS = ("river stone cloud music paper light garden window silver forest ocean market bridge "
          "candle winter harbor lantern meadow copper violet engine orchard thunder canvas").split()
@@ -79,10 +79,5 @@ def measure(cfg: dict) -> dict:
     return out
 
 
-def main() -> None:
-    cfg = json.loads(sys.stdin.read())
-    print(json.dumps(measure(cfg)))
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(measure)
