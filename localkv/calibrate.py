@@ -16,15 +16,15 @@ public; this follows the reading in shared/research/policies.md (HeadKV's retrie
 
 POD's offline layer grouping (`localkv calibrate --policy pod`, the last section) reads the same probes the
 same way and writes its own kind of profile: how alike consecutive layers attend, per KV head.
+
+Reading, checking and writing profiles is localkv.profiles' (the policies read them there); this module makes
+them, with an engine of its own, so it sits above the policies and the engine.
 """
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +33,9 @@ from typing import Callable
 import numpy as np
 
 from .errors import LocalkvError
+from .profiles import (DEFAULT_POD_DELTA, POD_KIND, PROFILE_FORMAT, PROFILE_KIND, check_pod_delta, find_profile,
+                       kv_scores, pod_blocks, read_profile, user_profile_path, write_profile)
 
-PROFILE_FORMAT = 1
-PROFILE_KIND = "surfacelogickv"
-SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "profiles"  # package data
 DEFAULT_PROBES = 24
 PROBE_LENGTHS = (500, 1000, 2000)  # tokens of haystack, cycled over the probes
 
@@ -137,127 +136,6 @@ def step_scores(att: np.ndarray, positions: np.ndarray, needle: np.ndarray, toke
     return surface.astype(np.float64), logic.astype(np.float64)
 
 
-def inference_scores(surface: np.ndarray, logic: np.ndarray, kv_heads: list[int], w_surface: float,
-                     w_logic: float) -> np.ndarray:
-    """INFsc of every (layer, KV head), layer after layer, summing to 1: the weighted surface and logic scores of
-    each head's GQA group. All zero (no head ever looked at a needle) gives every head the same score."""
-    per_kv = []
-    for layer, h_kv in enumerate(kv_heads):
-        mix = w_surface * np.asarray(surface[layer], dtype=np.float64) + w_logic * np.asarray(logic[layer], dtype=np.float64)
-        per_kv.append(mix.reshape(h_kv, -1).sum(axis=1))
-    s = np.concatenate(per_kv)
-    return s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / len(s))
-
-
-# ---------------------------------------------------------------- profiles
-
-
-@dataclass(frozen=True)
-class ProfileKind:
-    """What differs between kinds of profile: how one is checked, which arrays it holds, how to rebuild it."""
-    check: Callable[[dict], tuple[int, int] | None]  # the [layers, heads] shape, arrays converted; None: invalid
-    arrays: tuple[str, ...]   # float arrays, rounded to 6 digits when written
-    ints: tuple[str, ...]     # integer arrays
-    command: str              # what rebuilds it
-    heads: str                # what the second dimension counts, for messages
-
-
-def _check_surfacelogickv(data: dict) -> tuple[int, int] | None:
-    """Head scores: two equal [layers, query heads] arrays of finite non-negative numbers."""
-    surface = np.asarray(data["surface"], dtype=np.float64)
-    logic = np.asarray(data["logic"], dtype=np.float64)
-    ok = surface.ndim == 2 and surface.shape == logic.shape and np.isfinite(surface).all() \
-        and np.isfinite(logic).all() and (surface >= 0).all() and (logic >= 0).all()
-    if not ok:
-        return None
-    data["surface"], data["logic"] = surface, logic
-    return surface.shape
-
-
-PROFILE_KINDS: dict[str, ProfileKind] = {
-    PROFILE_KIND: ProfileKind(_check_surfacelogickv, ("surface", "logic"), (), "localkv calibrate", "heads"),
-}  # the POD section adds its own
-
-
-def _kind(kind: str) -> ProfileKind:
-    """A kind's description; an unknown kind is a caller's mistake, said in one line."""
-    if kind not in PROFILE_KINDS:
-        raise LocalkvError(f"no profiles of kind '{kind}' (known: {', '.join(PROFILE_KINDS)})")
-    return PROFILE_KINDS[kind]
-
-
-def profile_name(sha256: str, kind: str = PROFILE_KIND) -> str:
-    return f"{kind}-{sha256[:16]}.json"
-
-
-def user_profile_path(sha256: str, kind: str = PROFILE_KIND) -> Path:
-    from .models import cache_dir
-    return cache_dir().parent / "profiles" / profile_name(sha256, kind)
-
-
-def shipped_profile_path(sha256: str, kind: str = PROFILE_KIND) -> Path:
-    return SHIPPED_DIR / profile_name(sha256, kind)
-
-
-def read_profile(path: Path, sha256: str | None = None, shape: tuple[int, int] | None = None,
-                 kind: str = PROFILE_KIND) -> dict:
-    """A profile of `kind`, checked: format, the kind's own arrays, model hash and [layers, heads] shape when
-    given."""
-    spec = _kind(kind)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LocalkvError(f"no profile at {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LocalkvError(f"profile {path} is unreadable ({e.__class__.__name__}): delete it or run "
-                           f"`{spec.command}` again") from None
-    try:
-        got = data["format"] == PROFILE_FORMAT and data["kind"] == kind and spec.check(data)
-    except (KeyError, TypeError, ValueError, IndexError):
-        got = None
-    if not got:
-        raise LocalkvError(f"profile {path} is not a valid {kind} profile (format {PROFILE_FORMAT}): "
-                           f"delete it or run `{spec.command}` again")
-    if sha256 is not None and data.get("model_sha256") != sha256:
-        raise LocalkvError(f"profile {path} was calibrated for another model file "
-                           f"(sha256 {str(data.get('model_sha256'))[:16]}..., this one {sha256[:16]}...)")
-    if shape is not None and tuple(got) != tuple(shape):
-        raise LocalkvError(f"profile {path} has {got[0]} layers x {got[1]} {spec.heads}, the model "
-                           f"{shape[0]} x {shape[1]}")
-    return data
-
-
-def write_profile(profile: dict, path: Path) -> None:
-    """Write atomically (a temp file renamed over the target): a crash never leaves half a profile."""
-    spec = _kind(profile.get("kind", PROFILE_KIND))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out = dict(profile)
-    for key in spec.arrays:
-        out[key] = np.asarray(profile[key]).round(6).tolist()
-    for key in spec.ints:
-        out[key] = np.asarray(profile[key]).astype(int).tolist()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def find_profile(sha256: str, kind: str = PROFILE_KIND) -> Path | None:
-    """The user's own calibration first, else the one shipped in localkv/data/profiles."""
-    for p in (user_profile_path(sha256, kind), shipped_profile_path(sha256, kind)):
-        if p.is_file():
-            return p
-    return None
-
-
 # ---------------------------------------------------------------- running the probes
 
 
@@ -302,10 +180,7 @@ def _last_attention(eng):
     repeated over each KV head's query heads (-1 where a head holds none)."""
     from . import capi
     from .policies import DECODE
-    cap, _alloc, held = capi.cache_state(eng.ctx)  # once per step, not once per layer
-    for i in range(len(eng.kv_layers)):
-        heads = eng._heads_of(i)
-        view = eng.layer_view(i, DECODE, capacity=cap[heads], used=held[heads])
+    for view in eng.layer_views(DECODE):
         att = view.stat(capi.STAT_LAST, per_kv_head=False)
         yield att, np.repeat(view.positions, eng.shape.n_head // view.n_head_kv, axis=0)
 
@@ -377,6 +252,11 @@ def load_or_calibrate(engine, progress: Callable[[int, int], None] | None = None
                               DEFAULT_PROBES, "a few minutes", progress)
 
 
+def load_or_calibrate_kind(engine, kind: str) -> tuple[dict, Path]:
+    """The profile of `kind` a policy of the engine asks for (Engine.profile): read, else calibrated now."""
+    return {PROFILE_KIND: load_or_calibrate, POD_KIND: load_or_calibrate_pod}[kind](engine)
+
+
 def _load_or_calibrate(engine, kind: str, shape: tuple[int, int], run: Callable[..., dict], probes: int,
                        takes: str, progress) -> tuple[dict, Path]:
     """A profile of `kind` for the engine's model: the user's, else the shipped one, else `run` on `probes`
@@ -395,12 +275,6 @@ def _load_or_calibrate(engine, kind: str, shape: tuple[int, int], run: Callable[
 
 
 # ---------------------------------------------------------------- showing a profile
-
-
-def kv_scores(profile: dict, w_surface: float = 1.0, w_logic: float = 1.0) -> np.ndarray:
-    """[layers, KV heads] INFsc of a profile (rows of equal width: every layer has the same KV heads here)."""
-    kv = list(profile["kv_heads"])
-    return inference_scores(profile["surface"], profile["logic"], kv, w_surface, w_logic).reshape(len(kv), -1)
 
 
 def profile_table(profile: dict, budget: int):
@@ -460,11 +334,8 @@ def plot_profile(profile: dict, path: str) -> None:
 # The queries are the last tokens of the same probes (the reply's start, where the model is about to look the
 # fact up), each attending over the whole probe with nothing evicted.
 
-POD_KIND = "pod"
 DEFAULT_POD_PROBES = 8
 DEFAULT_LAST_QUERIES = 8
-DEFAULT_POD_DELTA = 0.6  # the paper uses 0.5; on the default model, training-free, 0.6 is the most sharing that kept
-# every needle and a KL under 0.02 at 4K (README, "POD: attention shared across layers")
 
 
 def js_similarity(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -485,20 +356,6 @@ def _kl_bits(p: np.ndarray, m: np.ndarray) -> np.ndarray:
     return (p * np.log2(ratio)).sum(axis=-1)
 
 
-def pod_blocks(similarity: np.ndarray, delta: float) -> np.ndarray:
-    """leaders [n_layers, n_kv]: the first layer of each (layer, KV head)'s block (the layer itself for a leader).
-
-    similarity [n_layers - 1, n_kv]: row l compares layers l and l + 1. Greedy per head, top down: layer 0 starts
-    a block; layer l joins the current one when similarity[l - 1] >= delta, else starts its own."""
-    sim = np.asarray(similarity, dtype=np.float64)
-    if sim.ndim != 2:
-        raise LocalkvError(f"POD similarity must be [layers - 1, KV heads], got shape {sim.shape}")
-    leaders = np.zeros((sim.shape[0] + 1, sim.shape[1]), dtype=np.int64)
-    for layer in range(1, len(leaders)):
-        leaders[layer] = np.where(sim[layer - 1] >= delta, leaders[layer - 1], layer)
-    return leaders
-
-
 def pod_spans(leaders: np.ndarray) -> list[list[tuple[int, int]]]:
     """Per KV head, its blocks as (first layer, last layer), top down (for display)."""
     leaders = np.asarray(leaders)
@@ -513,40 +370,6 @@ def pod_followers(leaders: np.ndarray) -> int:
     """(layer, KV head)s that follow a leader: the ones whose attention over distant tokens is shared."""
     leaders = np.asarray(leaders)
     return int((leaders != np.arange(len(leaders))[:, None]).sum())
-
-
-def check_pod_delta(delta: float) -> float:
-    """delta is a similarity: outside [0, 1] (or NaN) it would make every layer a leader or every one a
-    follower without saying so."""
-    if not 0.0 <= float(delta) <= 1.0:
-        raise LocalkvError(f"--delta must be between 0 and 1 (the similarity at which a layer joins the block above "
-                           f"it), got {delta}")
-    return float(delta)
-
-
-def _check_pod(data: dict) -> tuple[int, int] | None:
-    """Similarities in [0, 1] between each pair of consecutive layers, and the blocks they give at the delta."""
-    sim = np.asarray(data["similarity"], dtype=np.float64)
-    leaders = np.asarray(data["leaders"])
-    kv = [int(h) for h in data["kv_heads"]]
-    n_layer, delta = int(data["n_layer"]), float(data["delta"])
-    ok = sim.ndim == 2 and n_layer >= 2 and sim.shape[0] == n_layer - 1 and len(kv) == n_layer \
-        and set(kv) == {sim.shape[1]} and np.isfinite(sim).all() and (sim >= 0).all() and (sim <= 1).all() \
-        and 0 <= delta <= 1 and leaders.dtype.kind == "i" and leaders.shape == (n_layer, sim.shape[1])
-    # the leaders are the ones the similarity gives at delta (a hand-edited file that says otherwise is wrong)
-    if not ok or not (leaders == pod_blocks(sim, delta)).all():
-        return None
-    data["similarity"], data["leaders"] = sim, leaders.astype(np.int64)
-    return n_layer, sim.shape[1]
-
-
-PROFILE_KINDS[POD_KIND] = ProfileKind(_check_pod, ("similarity",), ("leaders",), "localkv calibrate --policy pod",
-                                      "KV heads")
-
-
-def read_pod_profile(path: Path, sha256: str | None = None, shape: tuple[int, int] | None = None) -> dict:
-    """A POD profile, checked like every kind; shape is the model's [layers, KV heads]."""
-    return read_profile(path, sha256, shape, kind=POD_KIND)
 
 
 def pod_at(profile: dict, delta: float | None) -> dict:

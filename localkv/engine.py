@@ -10,72 +10,40 @@ in chunks; before a chunk that would not fit, and after the whole prompt, the
 policy picks what each (layer, KV head) keeps. While decoding, the cache is
 compressed back to the budget every `decode_interval` tokens, so memory stays
 bounded for any prompt or conversation length.
+
+`Engine` is the facade; the parts it runs have one job each: `CachePlan` and
+`CompressedCache` (localkv.cache: the sizes, the per-head layout and the resize
+rules), `Conversation` (localkv.conversation: what was fed, its words and text,
+the replay state) and the sampling loop (localkv.generation). The engine
+decodes, asks the policy what to keep and tells the cache.
 """
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import capi, models, policies
+from .cache import (DEFAULT_CTX, DEFAULT_PREFILL_BUDGET, CachePlan, CompressedCache, pad_slots, plan_cache,
+                    shares_attention)
+from .conversation import Conversation
 from .errors import LocalkvError
-from .llama import TYPE_BYTES, Model, Sampler, Utf8Stream, cache_type, init_backend, last_log_error, ll
+from .generation import GenerationResult, Reply, peak_rss_bytes, sample_reply
+from .llama import TYPE_BYTES, Model, cache_type, init_backend, last_log_error, ll
 from .policies import DECODE, PREFILL, LayerView
-from .words import WordIndex
 
-DEFAULT_CTX = 4096
+# the CLI, the server, the bench and the tests import these from here
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_CTX", "DEFAULT_PREFILL_BUDGET", "Engine", "GenerationResult", "LayerMemory",
+           "MemoryReport", "pad_slots", "peak_rss_bytes"]
+
 DEFAULT_CHUNK = 256
-# tokens per KV head kept between prefill chunks by default: prompts up to this length are compressed once,
-# after the whole prompt (as the research methods do); longer ones in a working set of this size
-DEFAULT_PREFILL_BUDGET = 4096
-
 
 # statistics every ubatch overwrites (its observation window), unlike the accumulated ones (capi.STAT_*)
 WINDOWED_STATS = frozenset({capi.STAT_OBS, capi.STAT_OBS_ADAPTIVE, capi.STAT_LAST})
-
-
-def pad_slots(n: int) -> int:
-    """Slots as the compressed cache allocates them (a multiple of 32, at least one)."""
-    return max(32, -(-int(n) // 32) * 32)
-
-
-def peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    policy: str
-    budget: int | None
-    prompt_tokens: int
-    generated_tokens: int
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    first_token_latency_s: float
-    kv_bytes_allocated: int     # KV buffers llama.cpp holds now (at rest: budget + decode interval at most)
-    kv_bytes_prefill: int       # the most the KV buffers held so far (a long prompt's working set)
-    kv_bytes_full_f16: int
-    kv_tokens_kept: int
-    kv_stats_bytes: int
-    compute_bytes: int
-    peak_rss_bytes: int
-    compressions: int
-    compress_seconds: float
-    compress_bytes: int         # bytes compression moved between host and backend (indices, scores read)
-    stop_reason: str
-    cache_type_k: str
-    cache_type_v: str
-    model: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -113,6 +81,16 @@ class MemoryReport:
         return asdict(self)
 
 
+def _check_arguments(chunk: int, gpu_layers: int, ctx: int | None) -> None:
+    """What is wrong whatever the model and policy."""
+    if int(chunk) < 1:
+        raise LocalkvError(f"chunk must be at least 1, got {chunk}")
+    if gpu_layers < -1:
+        raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
+    if ctx is not None and ctx < 16:
+        raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
+
+
 class Engine:
     """A model and a context configured for one policy and budget."""
 
@@ -131,128 +109,67 @@ class Engine:
         # a name (the CLI), or a Policy instance (the Python API: a subclass with its own per-head budgets)
         self.policy = policy if isinstance(policy, policies.Policy) else policies.create(policy, policy_args)
         self.budget = budget
-        self.chunk = int(chunk)
-        self.decode_interval = int(decode_interval)
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
-        if self.chunk < 1:
-            raise LocalkvError(f"chunk must be at least 1, got {chunk}")
-        if gpu_layers < -1:
-            raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
-        if ctx is not None and ctx < 16:
-            raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
+        _check_arguments(chunk, gpu_layers, ctx)
+        self._load_model(model, shared_model, gpu_layers, progress)
+        self.plan: CachePlan = plan_cache(self.policy, self.shape, budget=budget, prefill_budget=prefill_budget,
+                                          ctx=ctx, chunk=int(chunk), decode_interval=int(decode_interval))
+        self.ctx = self._create_context(type_k, type_v, threads, flash_attn, eval_callback)
+        self.kv_layers = capi.kv_layers(self.ctx)  # (model layer, K bytes, V bytes) of each cached layer
+        self.kv_heads: list[int] | None = None
+        self.cache: CompressedCache | None = None
+        if self.compressing:
+            self.kv_heads = capi.kv_heads(self.ctx)
+            self.policy.prepare(self)  # it may read a calibrated profile (Engine.profile) before it sizes heads
+            self.cache = self._compressed_cache()
+        self.conversation = Conversation(self.model)
+        self._stats_phase: tuple | str | None = None
+        # what the engine has done so far (the bench reads these)
+        self.compressions, self.compress_seconds = 0, 0.0
+        self.replays, self.replay_tokens, self.replay_seconds = 0, 0, 0.0
 
+    def _load_model(self, model: str | None, shared_model: Model | None, gpu_layers: int, progress) -> None:
         if shared_model is not None:
             self.model_path, self.model, self._owns_model = shared_model.path, shared_model, False
         else:
             self.model_path = str(models.resolve(model, progress=progress))
             self.model, self._owns_model = Model(self.model_path, n_gpu_layers=gpu_layers), True
-        shape = self.model.shape
-        self.shape = shape
+        self.shape = self.model.shape
 
-        if self.policy.compresses:
-            if budget is None:
-                raise LocalkvError(f"policy {self.policy.name} needs --budget (tokens kept per KV head)")
-            self.policy.validate(budget)
-            limit = ctx or shape.n_ctx_train
-            if budget > limit:
-                raise LocalkvError(f"budget {budget} is larger than the context ({limit} tokens)")
-            self.decode_interval = max(1, min(self.decode_interval, self.chunk))
-            if prefill_budget == 0:  # strict: nothing beyond the budget, even while a prompt goes in
-                prefill_budget = budget
-            if prefill_budget is not None and prefill_budget < budget:
-                raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
-            if self.pod:  # a POD follower's recent ring holds a whole ubatch
-                self.chunk = min(self.chunk, self.policy.n_recent(budget))
-                self.decode_interval = max(1, min(self.decode_interval, self.chunk))
-        elif budget is not None and self.policy.name == "full":
-            raise LocalkvError("--budget needs a compressing policy (full keeps everything); see `localkv policies`")
-
+    def _create_context(self, type_k: int, type_v: int, threads: int | None, flash_attn: bool | None,
+                        eval_callback):
         cp = ll.llama_context_default_params()
-        n_threads = threads or os.cpu_count() or 1
-        cp.n_threads = cp.n_threads_batch = n_threads
+        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         cp.n_seq_max = 1
         cp.type_k, cp.type_v = type_k, type_v
         if flash_attn is not None:
             cp.flash_attn_type = 1 if flash_attn else 0
         if eval_callback is not None:  # ggml_backend_sched_eval_callback, to look at graph tensors (tests, calibration)
-            self._eval_callback = eval_callback
+            self._eval_callback = eval_callback  # alive as long as the context calls it
             cp.cb_eval = eval_callback
-        if self.policy.compresses:
-            self.prefill_budget = prefill_budget if prefill_budget is not None else max(budget, DEFAULT_PREFILL_BUDGET)
-        else:
-            self.prefill_budget = None
-        if self.policy.compresses:
-            self.capacities = self.policy.capacities(budget, shape.n_layer)
-            # room for the largest layer's prefill working set plus one chunk; positions may go far beyond it
-            # (the plain cache made here is replaced by the compressed one at once: plain POD's is minimal)
-            cp.n_ctx = 2 * self.chunk if self.keeps_all else \
-                max(self.policy.capacities(self.prefill_budget, shape.n_layer)) + self.chunk
-            cp.n_batch = cp.n_ubatch = self.chunk
-        else:
-            self.capacities = None
-            cp.n_ctx = ctx or min(DEFAULT_CTX, shape.n_ctx_train)
-            cp.n_batch = cp.n_ubatch = min(self.chunk * 2, cp.n_ctx)
-        self.n_ctx = ctx or (cp.n_ctx if not self.policy.compresses else shape.n_ctx_train)
-        self.ctx = ll.llama_init_from_model(self.model.ptr, cp)
-        if not self.ctx:
+        cp.n_ctx = self.plan.n_ctx_created
+        cp.n_batch = cp.n_ubatch = self.plan.n_batch
+        ctx = ll.llama_init_from_model(self.model.ptr, cp)
+        if not ctx:
             raise LocalkvError(f"llama.cpp could not create a context: {last_log_error()}")
-        self.n_batch = cp.n_batch
-        self.kv_layers = capi.kv_layers(self.ctx)
-        if self.policy.compresses:
-            n = len(self.kv_layers)
-            self.kv_heads = capi.kv_heads(self.ctx)
-            # cached layer of every (layer, KV head) in the C API's per-head order, and each layer's first head
-            self._head_layer = np.repeat(np.arange(n), self.kv_heads)
-            self._head0 = np.concatenate([[0], np.cumsum(self.kv_heads)]).astype(int)
-            self.policy.prepare(self)
-            self.capacities = self.policy.capacities(budget, n)
-            self.head_capacities = np.asarray(self.policy.head_capacities(budget, self.kv_heads), dtype=np.int64)
-            self.prefill_capacities = np.asarray(self.policy.head_capacities(self.prefill_budget, self.kv_heads),
-                                                 dtype=np.int64)
-            # what a head may hold while a prompt goes in: the prefill budget at least (a prompt that fits it
-            # is compressed once, after all of it was read, even in a head whose share is smaller), plus a chunk
-            self._prefill_limits = np.maximum(self.prefill_capacities, self.prefill_budget) + self.chunk
-            try:
-                # C's capacity is the budget (AhaKV's k); the slots start at one decode interval and grow as tokens
-                # come (see _make_room), so a short chat never holds more than a full cache would
-                capi.enable(self.ctx, self.head_capacities, [self.decode_interval] * len(self.head_capacities))
-                _cap, alloc, _used = capi.cache_state(self.ctx)
-                # bytes of one slot of each head (K + V, as llama.cpp allocated them)
-                layer_slots = np.bincount(self._head_layer, weights=alloc)
-                self._slot_bytes = np.array([kb + vb for _il, kb, vb in capi.kv_layers(self.ctx)]) / layer_slots
-                self._slot_bytes = self._slot_bytes[self._head_layer]
-                # a POD follower's K is a fixed ring, not a row per slot: its slot holds V only
-                self._pod_k_bytes = np.zeros(len(alloc))
-                if self.pod:
-                    k_slot = np.array([kb for _il, kb, _vb in capi.kv_layers(self.ctx)])[self._head_layer] / \
-                        layer_slots[self._head_layer]
-                    capi.set_pod(self.ctx, self.policy.pod_leaders(), self.policy.sinks, self.policy.n_recent(budget))
-                    lead, k_slots, _s, _r = capi.pod_state(self.ctx)
-                    self._slot_bytes = np.where(lead >= 0, self._slot_bytes - k_slot, self._slot_bytes)
-                    self._pod_k_bytes = np.where(lead >= 0, k_slot * k_slots, 0.0)
-            except capi.CapiError as e:
-                if e.code == -2:
-                    raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
-                                       f"({shape.architecture}): {e}") from None
-                raise
-        # the most the KV buffers have held (a compressed cache peaks while a long prompt goes in)
-        self.kv_bytes_peak = capi.memory_bytes(self.ctx)
-        self.n_past = 0
-        self._words = WordIndex(self.model.piece)  # which positions form one word (policies keep words whole)
-        self._history_text = ""  # the rendered text the cache holds (a chat continues after it)
-        self.compressions = 0
-        self.reallocations = 0  # resizes of the compressed cache (growing for a prompt, shrinking at rest)
-        self.compress_seconds = 0.0
-        self._stats_phase: tuple | str | None = None
-        # reconstruction (KVzip): the tokens at the end of the cache not replayed yet, and the last replayed
-        # span's final tokens (a later replay starts from them)
-        self._unscored: list[int] = []
-        self._span_tail: list[int] = []
-        self._replay_turn: tuple[str, str] | None = None
-        self.replays = 0
-        self.replay_tokens = 0
-        self.replay_seconds = 0.0
+        return ctx
+
+    def _compressed_cache(self) -> CompressedCache:
+        try:
+            return CompressedCache(self.ctx, self.policy, self.plan, self.kv_heads)
+        except capi.CapiError as e:
+            if e.code == -2:
+                raise LocalkvError(f"policy {self.policy.name} cannot compress this model "
+                                   f"({self.shape.architecture}): {e}") from None
+            raise
+
+    def profile(self, kind: str) -> tuple[dict, Path]:
+        """This model's calibration profile of `kind` (localkv.profiles), for a policy being prepared: the
+        user's, else the shipped one, else calibrated now, once, and saved."""
+        # calibration sits above the engine (it runs an engine of its own): reached only for a missing profile
+        from .calibrate import load_or_calibrate_kind
+        return load_or_calibrate_kind(self, kind)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -277,13 +194,40 @@ class Engine:
     def reset(self) -> None:
         """Forget the conversation (the cache is emptied, its buffers stay)."""
         ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
-        if self.compressing:
-            self._settle()
-        self.n_past = 0
-        self._words.reset()
-        self._history_text = ""
-        self._unscored, self._span_tail = [], []
+        if self.cache:
+            self.cache.settle()
+        self.conversation.reset()
         self._stats_phase = None  # the next phase asks for its statistics again
+
+    # ---------------------------------------------------------------- the parts' figures, read here
+
+    chunk = property(lambda self: self.plan.chunk, doc="prompt tokens per llama_decode")
+    decode_interval = property(lambda self: self.plan.decode_interval, doc="decoded tokens between compressions")
+    n_ctx = property(lambda self: self.plan.n_ctx, doc="the most tokens the conversation may reach")
+    n_batch = property(lambda self: self.plan.n_batch, doc="tokens per ubatch")
+    prefill_budget = property(lambda self: self.plan.prefill_budget, doc="tokens per KV head kept in a long prompt")
+    capacities = property(lambda self: self.cache.capacities if self.cache else None,
+                          doc="per cached layer, the tokens a KV head keeps (compressed)")
+    head_capacities = property(lambda self: self.cache.head_capacities if self.cache else None,
+                               doc="per (layer, KV head), the tokens it keeps (compressed)")
+    reallocations = property(lambda self: self.cache.reallocations if self.cache else 0,
+                             doc="resizes of the compressed cache (growing for a prompt, shrinking at rest)")
+    history_text = property(lambda self: self.conversation.history_text,
+                            doc="the rendered text the cache holds: generate(keep_history=True) continues after it")
+
+    @property
+    def kv_bytes_peak(self) -> int:
+        """The most the KV buffers have held (a compressed cache peaks while a long prompt goes in)."""
+        return self.cache.peak_bytes if self.cache else self.kv_bytes_allocated()
+
+    @property
+    def n_past(self) -> int:
+        """Tokens fed so far (the next position)."""
+        return self.conversation.n_past
+
+    @n_past.setter
+    def n_past(self, n: int) -> None:
+        self.conversation.n_past = n
 
     # ---------------------------------------------------------------- compression
 
@@ -294,7 +238,7 @@ class Engine:
     @property
     def pod(self) -> bool:
         """Whether the policy shares attention across layers (POD: leaders and followers in the cache)."""
-        return hasattr(self.policy, "pod_leaders")
+        return shares_attention(self.policy)
 
     @property
     def keeps_all(self) -> bool:
@@ -312,16 +256,9 @@ class Engine:
         capi.set_stats(self.ctx, needs, self.policy.obs_window(phase), query_heads=self.policy.query_heads)
         self._stats_phase = key
 
-    def _heads_of(self, i: int) -> slice:
-        """The entries of cached layer i in per-head arrays."""
-        return slice(self._head0[i], self._head0[i + 1])
-
-    def _compresses_before(self, n: int, n_next: int) -> bool:
-        """Whether, after n more prompt tokens, the next n_next would need a compression first (_make_room's
-        rule: the slots cannot grow past the prefill working set plus one chunk)."""
-        _cap, _alloc, used = capi.cache_state(self.ctx)
-        limits = np.array([pad_slots(x) for x in self._prefill_limits])
-        return bool((used + n + n_next > limits).any())
+    def heads_of(self, i: int) -> slice:
+        """The entries of cached layer i in per-head arrays (a compressed cache's, in the C API's order)."""
+        return self.cache.heads_of(i)
 
     def layer_view(self, i: int, phase: str, capacity=None, used=None) -> LayerView:
         """What the policy sees of layer i; `capacity`/`used`: per-head values the caller already read."""
@@ -332,52 +269,27 @@ class Engine:
         return LayerView(ctx=self.ctx, index=i, layer=self.kv_layers[i][0], n_layers=len(self.kv_layers),
                          n_head=self.shape.n_head, n_head_kv=len(used),
                          capacity=np.asarray(capacity),
-                         positions=positions, n_seen=self.n_past, phase=phase, words=self._words.of(positions),
-                         used=used)
+                         positions=positions, n_seen=self.n_past, phase=phase,
+                         words=self.conversation.words.of(positions), used=used)
 
-    def _resize(self, slots, alloc) -> None:
-        """Reallocate every head to `slots` (padded like the C side) unless that changes nothing."""
-        slots = [pad_slots(s) for s in slots]
-        if slots != [int(a) for a in alloc]:
-            capi.resize(self.ctx, self.head_capacities, slots)
-            self.reallocations += 1
-            self.kv_bytes_peak = max(self.kv_bytes_peak, capi.memory_bytes(self.ctx))
+    def layer_views(self, phase: str) -> list[LayerView]:
+        """What the policy sees of every cached layer now (the per-head counts read once for all layers)."""
+        cap, _alloc, used = capi.cache_state(self.ctx)
+        heads = [self.heads_of(i) for i in range(len(self.kv_layers))]
+        return [self.layer_view(i, phase, capacity=cap[h], used=used[h]) for i, h in enumerate(heads)]
+
+    def kv_bytes_allocated(self) -> int:
+        """The KV buffers llama.cpp holds now (from its memory breakdown)."""
+        return capi.memory_bytes(self.ctx)
 
     def working_set_bytes(self, tokens: int) -> int:
         """KV bytes a compressed cache holds while a prompt of `tokens` tokens goes in (its largest size)."""
-        if not self.compressing:
-            return capi.memory_bytes(self.ctx)
-        if self.policy.reconstructs:
-            # what was kept before the last span, the span, and its replay (a prefix of under 64 tokens)
-            span = min(tokens, self.policy.replay_chunk)
-            return int(sum(b * pad_slots(min(cap, tokens - span) + 2 * span + 64 + 1)
-                           for b, cap in zip(self._slot_bytes, self.head_capacities)))
-        slots = [min(limit, tokens + self.chunk) for limit in self._prefill_limits]
-        if self.keeps_all:
-            slots = [tokens for _ in slots]  # one reallocation for the whole prompt
-        return int(sum(b * pad_slots(n) for b, n in zip(self._slot_bytes, slots)) + self._pod_k_bytes.sum())
+        return self.cache.working_set_bytes(tokens) if self.cache else self.kv_bytes_allocated()
 
     def _make_room(self, n: int, phase: str, targets=None) -> None:
-        """Room for n more tokens in every head: grow the slots while under the phase's limit, else compress.
-
-        Growth: up to the tokens held + n + one chunk, never past the limit (the prefill working set + one
-        chunk while a prompt goes in, the budget + the decode interval while decoding), so the cache never
-        holds more than the tokens seen plus one chunk and reallocates at most once per chunk of tokens.
-        """
-        _cap, alloc, used = capi.cache_state(self.ctx)
-        if (used + n <= alloc).all():
-            return
-        limits = self._prefill_limits if phase == PREFILL else self.head_capacities + self.decode_interval
-        if phase == DECODE and self.policy.shares_model_budget:
-            # heads keep different counts under one total: each may grow by an interval (step() holds the total)
-            limits = np.maximum(limits, used + self.decode_interval)
-        self._resize(np.maximum(alloc, np.minimum(limits, used + n + self.chunk)), alloc)
-        self.compress(phase, room=n, targets=targets)
-
-    def _settle(self) -> None:
-        """At rest (between turns, while decoding): each head holds what it kept plus one decode interval."""
-        _cap, alloc, used = capi.cache_state(self.ctx)
-        self._resize(used + self.decode_interval, alloc)
+        """Room for n more tokens in every head: grow the slots while under the phase's limit, else compress."""
+        if self.cache.grow_for(n, phase):
+            self.compress(phase, room=n, targets=targets)
 
     def compress(self, phase: str, room: int = 0, targets=None) -> bool:
         """Bring every head over its target (default: its budget capacity) back to it.
@@ -394,11 +306,11 @@ class Engine:
             targets = np.minimum(targets, alloc - room)
         t0 = time.perf_counter()
         limits = alloc - room if room else used
-        layers = self._layers_over(used, targets, limits)
-        views = [self.layer_view(i, phase, capacity=targets[self._heads_of(i)], used=used[self._heads_of(i)])
-                 for i in layers]
+        layers = self.cache.layers_over(used, targets, limits)
+        heads = self.cache.heads_of
+        views = [self.layer_view(i, phase, capacity=targets[heads(i)], used=used[heads(i)]) for i in layers]
         for v in views:
-            v.limit = limits[self._heads_of(v.index)]
+            v.limit = limits[heads(v.index)]
         # every layer is chosen before any is compacted: a policy may weigh the layers together
         for i, keep in zip(layers, self.policy.select_layers(views)):
             capi.keep(self.ctx, i, keep)
@@ -408,22 +320,6 @@ class Engine:
             self.compressions += 1
         self.compress_seconds += time.perf_counter() - t0
         return did
-
-    def _layers_over(self, used, targets, limits=None) -> list[int]:
-        """The cached layers the policy must compress to bring `used` to `targets`: a head over its target, or,
-        for a policy whose heads share their layer's budget, the layer's total over its total or a head past
-        its limit (vectorised: step() asks after every token)."""
-        first = self._head0[:-1]
-        if self.policy.shares_model_budget or self.policy.groups_layers:
-            over = used.sum() > targets.sum() or (limits is not None and bool((used > limits).any()))
-            return list(range(len(first))) if over else []
-        if self.policy.shares_layer_budget:
-            over = np.add.reduceat(used, first) > np.add.reduceat(targets, first)
-            if limits is not None:
-                over |= np.logical_or.reduceat(used > limits, first)
-        else:
-            over = np.logical_or.reduceat(used > targets, first)
-        return np.flatnonzero(over).tolist()
 
     def graphs_reused(self) -> int:
         """Compute graphs llama.cpp reused instead of building anew (its own performance counter)."""
@@ -443,10 +339,7 @@ class Engine:
 
     def _decode(self, tokens: list[int], want_logits: bool, all_logits: bool = False) -> None:
         self._run_batch(tokens, self.n_past, want_logits, all_logits)
-        self._words.extend(tokens)
-        self.n_past += len(tokens)
-        if self.policy.reconstructs:
-            self._unscored.extend(tokens)
+        self.conversation.append(tokens, replayed_later=self.policy.reconstructs)
 
     def _run_batch(self, tokens: list[int], pos0: int, want_logits: bool, all_logits: bool = False) -> None:
         """One llama_decode of tokens at positions pos0.. (the engine's bookkeeping is _decode's)."""
@@ -468,7 +361,7 @@ class Engine:
 
     def _chunks(self, tokens: list[int]) -> list[list[int]]:
         """Chunks of at most n_batch; the last is at least the observation window when possible."""
-        size = self.n_batch
+        size = self.plan.n_batch
         if not self.compressing:
             return [tokens[i:i + size] for i in range(0, len(tokens), size)]
         w = min(self.policy.obs_window(PREFILL), size, len(tokens))
@@ -498,27 +391,21 @@ class Engine:
             return
         chunks = self._chunks(tokens)
         if self.keeps_all:
-            self._grow(len(tokens))  # nothing is evicted: room for the whole prompt in one reallocation
+            self.cache.grow(len(tokens))  # nothing is evicted: room for the whole prompt in one reallocation
         for j, chunk in enumerate(chunks):
             if self.compressing:
-                self._make_room(len(chunk), PREFILL, targets=self.prefill_capacities)
+                self._make_room(len(chunk), PREFILL, targets=self.cache.prefill_capacities)
                 # the observation window matters only for a chunk a compression follows (the last one, or one
                 # after which the working set is full): the others skip it
                 last = j == len(chunks) - 1
-                self._set_phase(PREFILL, observe=last or self._compresses_before(len(chunk), len(chunks[j + 1])))
+                self._set_phase(PREFILL, observe=last or self.cache.compresses_before(len(chunk), len(chunks[j + 1])))
             self._decode(chunk, want_logits and j == len(chunks) - 1)
         # question-aware: the last queries of the prompt decide what the budget keeps
         if self.compressing:
             self.compress(PREFILL)
-            self._settle()
+            self.cache.settle()
 
     # ---------------------------------------------------------------- reconstruction (KVzip)
-
-    def _grow(self, n: int) -> None:
-        """Slots for n more tokens in every head, without compressing."""
-        _cap, alloc, used = capi.cache_state(self.ctx)
-        if (used + n > alloc).any():
-            self._resize(np.maximum(alloc, used + n), alloc)
 
     def _feed_replayed(self, tokens: list[int], want_logits: bool) -> None:
         """Prefill for a policy that scores by reconstruction: span by span, each replayed once it is read.
@@ -529,47 +416,27 @@ class Engine:
         """
         span = self.policy.replay_chunk
         body, last = tokens[:-1], tokens[-1:]
-        if len(self._unscored) >= span:
+        if len(self.conversation.unscored) >= span:
             self.reconstruct()
         at = 0
         while at < len(body):
-            piece = body[at:at + max(1, span - len(self._unscored))]
+            piece = body[at:at + max(1, span - len(self.conversation.unscored))]
             at += len(piece)
-            if not self._unscored:
+            if not self.conversation.unscored:
                 self.compress(PREFILL)
             # the piece, then its replay: the prefix, what was not replayed yet and the piece again
-            prefix = self._replay_prefix()
-            self._grow(len(piece) + len(prefix) + len(self._unscored) + len(piece) + 1)
+            prefix = self.conversation.replay_prefix()
+            self.cache.grow(len(piece) + len(prefix) + len(self.conversation.unscored) + len(piece) + 1)
             chunks = self._chunks(piece)
             for j, chunk in enumerate(chunks):  # a policy's own window statistic sees each span's end
                 self._set_phase(PREFILL, observe=j == len(chunks) - 1)
                 self._decode(chunk, False)
             self.reconstruct(prefix)
-        self._grow(1)
+        self.cache.grow(1)
         self._set_phase(PREFILL, observe=False)
         self._decode(last, want_logits)
         self.compress(PREFILL)
-        self._settle()
-
-    def _replay_prefix(self) -> list[int]:
-        """The replay's instruction in a user turn of the model's template, then the assistant prefix."""
-        if self._replay_turn is None:
-            marks = ("@@LKV1@@", "@@LKV2@@", "@@LKV3@@")
-            text = self.model.chat_prompt([{"role": "user", "content": marks[0]},
-                                           {"role": "assistant", "content": marks[1]},
-                                           {"role": "user", "content": marks[2]}])
-            at = [text.find(m) for m in marks]
-            if min(at) >= 0 and at[0] < at[1] < at[2]:
-                self._replay_turn = (text[at[1] + len(marks[1]):at[2]], text[at[2] + len(marks[2]):])
-            else:  # no usable template: a plain transcript
-                self._replay_turn = ("\n\nuser: ", "\nassistant: ")
-        opening, closing = self._replay_turn
-        if self._span_tail:
-            tail = b"".join(self.model.piece(t) for t in self._span_tail).decode("utf-8", errors="replace")
-            instruction = f'Repeat the part of the previous context exactly, starting with "{tail}".'
-        else:
-            instruction = "Repeat the previous context exactly."
-        return self.model.tokenize(opening + instruction + closing, parse_special=True)
+        self.cache.settle()
 
     def reconstruct(self, prefix: list[int] | None = None) -> None:
         """Score the tokens not replayed yet by how much rebuilding them needs each kept token (KVzip).
@@ -579,26 +446,26 @@ class Engine:
         attention any replay query of the group gave it. Then the replay leaves the cache: the positions
         and the next token's output are as if it had never been fed.
         """
-        span = self._unscored
+        span = self.conversation.unscored
         if not self.compressing or not span:
             return
         t0 = time.perf_counter()
         start = self.n_past - len(span)
-        replay = (prefix if prefix is not None else self._replay_prefix()) + span
-        self._grow(len(replay))
+        replay = (prefix if prefix is not None else self.conversation.replay_prefix()) + span
+        self.cache.grow(len(replay))
+        n_batch = self.plan.n_batch
         capi.set_hidden(self.ctx, min(self.policy.sinks, start), start)
-        capi.set_stats(self.ctx, {capi.STAT_MAX}, self.n_batch, query_heads=self.policy.query_heads)
+        capi.set_stats(self.ctx, {capi.STAT_MAX}, n_batch, query_heads=self.policy.query_heads)
         self._stats_phase = None
         try:
-            for i in range(0, len(replay), self.n_batch):
-                self._run_batch(replay[i:i + self.n_batch], self.n_past + i, False)
+            for i in range(0, len(replay), n_batch):
+                self._run_batch(replay[i:i + n_batch], self.n_past + i, False)
         finally:
             capi.set_hidden(self.ctx, 0, 0)
             capi.set_stats(self.ctx, set(), query_heads=self.policy.query_heads)
             if not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, self.n_past, -1):
                 raise LocalkvError("could not remove the replay from the compressed cache")
-        self._span_tail = span[-8:]
-        self._unscored = []
+        self.conversation.replayed(span)
         self.replays += 1
         self.replay_tokens += len(replay)
         self.replay_seconds += time.perf_counter() - t0
@@ -613,9 +480,9 @@ class Engine:
             raise LocalkvError(f"{self.n_past + len(tokens)} tokens do not fit the context ({self.n_ctx})")
         self._set_phase(PREFILL)
         rows = []
-        n_vocab = self.shape.n_vocab
-        for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
+        n_vocab, n_batch = self.shape.n_vocab, self.plan.n_batch
+        for i in range(0, len(tokens), n_batch):
+            chunk = tokens[i:i + n_batch]
             if self.compressing:
                 if self.policy.reconstructs:  # what a compression may drop is scored first
                     self.reconstruct()
@@ -641,14 +508,13 @@ class Engine:
         if self.compressing:
             self._make_room(1, DECODE)
         self._decode([token], True)
-        if self.compressing and self._layers_over(capi.cache_state(self.ctx)[2],
-                                                  self.head_capacities + self.decode_interval - 1):
+        if self.compressing and self.cache.decode_interval_full():
             self.compress(DECODE)
             if self.policy.shares_model_budget:
                 # one threshold over all heads moves tokens between heads at every compression: without
                 # this a head that lost some kept the slots it had grown to, and the cache crept up to
                 # every head's largest count (one reallocation per compression, as growing costs anyway)
-                self._settle()
+                self.cache.settle()
 
     # ---------------------------------------------------------------- generation
 
@@ -674,97 +540,56 @@ class Engine:
                 raise LocalkvError("no prompt given")
             messages = [{"role": "user", "content": prompt}]
         text = (self.model.chat_prompt(messages) if chat else (prompt or "")) + answer_prefix
-        if not keep_history:
-            self.reset()
-        history = self._history_text
-        if keep_history and history and text.startswith(history):
-            new_text, add_special = text[len(history):], False
-        else:
-            if keep_history:  # the cache holds nothing this text is known to continue: start it over
-                self.reset()
-            new_text, add_special = text, True
-        segments = [new_text]
-        if split_before:
-            cut = new_text.rfind(split_before)
-            if cut <= 0:
-                raise LocalkvError("split_before text is not in the prompt")
-            segments = [new_text[:cut], new_text[cut:]]
-        token_segments = [self.model.tokenize(seg, add_special=add_special and not chat and i == 0, parse_special=True)
-                          for i, seg in enumerate(segments)]
-        tokens = [t for seg in token_segments for t in seg]
-        if not tokens:
-            raise LocalkvError("the prompt is empty")
-
-        start_compressions, start_cs, start_cb = self.compressions, self.compress_seconds, self.compress_bytes()
+        segments = self._prompt_segments(text, keep_history, chat, split_before)
+        n_prompt = sum(len(seg) for seg in segments)
+        before = (self.compressions, self.compress_seconds, self.compress_bytes())
         t0 = time.perf_counter()
-        for seg in token_segments:
+        for seg in segments:
             self.feed(seg)
         t_prefill = time.perf_counter() - t0
+        reply = sample_reply(self, max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos,
+                             on_text=on_text, should_stop=should_stop)
+        self.conversation.history_text = text + reply.text if answer_prefix == "" and reply.in_cache else ""
+        return self._result(reply, n_prompt, t0, t_prefill, before)
 
-        sampler = Sampler(temperature, seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-        out = Utf8Stream()
-        pieces: list[str] = []
-        generated = 0
-        stop = "length"
-        t_first = t_end = None
-        unfed = None  # the last sampled token when the reply ended on max_tokens (sampled, never decoded)
-        try:
-            while generated < max_tokens:
-                if should_stop and should_stop():
-                    stop = "interrupted"
-                    break
-                tok = sampler.sample(self.ctx)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if self.model.is_eog(tok) and not ignore_eos:
-                    stop = "eos"
-                    break
-                piece = out.push(self.model.piece(tok))
-                generated += 1
-                if piece:
-                    pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
-                if generated >= max_tokens:
-                    unfed = tok
-                    break
-                self.step(tok)
-        finally:
-            sampler.close()
-            t_end = time.perf_counter()
-        history_ok = True
-        if unfed is not None:
-            # the cache must hold the whole reply, or the next turn of a chat would continue without this token
-            if self.compressing or self.n_past + 1 <= self.n_ctx:
-                self.step(unfed)
-            else:
-                history_ok = False  # no room: the next turn feeds the conversation again
-        tail = out.flush()
-        if tail:
-            pieces.append(tail)
-            if on_text:
-                on_text(tail)
-        reply = "".join(pieces)
-        self._history_text = text + reply if answer_prefix == "" and history_ok else ""
-        # tokens decoded after the first sample: one step() each
-        steps = max(generated - 1, 0)
-        decode_s = (t_end - t_first) if t_first is not None else 0.0
+    def _prompt_segments(self, text: str, keep_history: bool, chat: bool, split_before: str | None) -> list[list[int]]:
+        """The tokens to feed for `text`: what is new after the conversation the cache holds (all of it when
+        it holds another, which is forgotten first), cut before `split_before`'s last occurrence."""
+        continued = keep_history and self.conversation.continues(text)
+        if continued:
+            text = text[len(self.conversation.history_text):]
+        else:
+            self.reset()
+        segments = [text]
+        if split_before:
+            cut = text.rfind(split_before)
+            if cut <= 0:
+                raise LocalkvError("split_before text is not in the prompt")
+            segments = [text[:cut], text[cut:]]
+        # a raw prompt that starts a conversation gets the model's BOS (a chat template writes its own)
+        tokens = [self.model.tokenize(seg, add_special=not continued and not chat and i == 0, parse_special=True)
+                  for i, seg in enumerate(segments)]
+        if not any(tokens):
+            raise LocalkvError("the prompt is empty")
+        return tokens
 
-        mem = capi.memory_bytes(self.ctx)
+    def _result(self, reply: Reply, n_prompt: int, t0: float, t_prefill: float, before: tuple) -> GenerationResult:
+        compressions, compress_seconds, compress_bytes = before
         return GenerationResult(
-            text=reply, policy=self.policy.name, budget=self.budget, prompt_tokens=len(tokens),
-            generated_tokens=generated,
-            prefill_tokens_per_s=len(tokens) / t_prefill if t_prefill > 0 else 0.0,
-            decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
-            first_token_latency_s=(t_first - t0) if t_first is not None else t_prefill,
-            kv_bytes_allocated=mem, kv_bytes_prefill=self.kv_bytes_peak,
+            text=reply.text, policy=self.policy.name, budget=self.budget, prompt_tokens=n_prompt,
+            generated_tokens=reply.generated,
+            prefill_tokens_per_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
+            decode_tokens_per_s=reply.decode_tokens_per_s,
+            first_token_latency_s=(reply.first_token_at - t0) if reply.first_token_at is not None else t_prefill,
+            kv_bytes_allocated=self.kv_bytes_allocated(), kv_bytes_prefill=self.kv_bytes_peak,
             kv_bytes_full_f16=self.full_bytes(self.n_past, "f16"),
             kv_tokens_kept=self.kv_tokens_kept(),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
             compute_bytes=capi.compute_bytes(self.ctx), peak_rss_bytes=peak_rss_bytes(),
-            compressions=self.compressions - start_compressions,
-            compress_seconds=self.compress_seconds - start_cs, compress_bytes=self.compress_bytes() - start_cb,
-            stop_reason=stop,
+            compressions=self.compressions - compressions,
+            compress_seconds=self.compress_seconds - compress_seconds,
+            compress_bytes=self.compress_bytes() - compress_bytes,
+            stop_reason=reply.stop_reason,
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v, model=self.model_path)
 
     # ---------------------------------------------------------------- memory
@@ -780,30 +605,33 @@ class Engine:
         if self.compressing and self.n_past == 0:
             # an empty cache holds one decode interval; size it as it is at rest after n tokens (a real
             # allocation by llama.cpp, read back below), so the report shows what such a prompt leaves held
-            self._resize(np.minimum(self.head_capacities, n) + self.decode_interval, capi.cache_state(self.ctx)[1])
+            self.cache.size_at_rest(n)
             for phase in (PREFILL, DECODE):  # the statistics the policy allocates over a prompt and a reply
                 self._set_phase(phase)
-        layers = []
-        pod = capi.pod_state(self.ctx) if self.pod else None
-        for i, (il, kb, vb) in enumerate(self.kv_layers if not self.compressing else capi.kv_layers(self.ctx)):
-            lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb)
-            if self.compressing:
-                cap, _alloc, used = capi.head_state(self.ctx, i)
-                lm.capacity, lm.used = int(cap.max()), int(used.max())
-                lm.head_capacities, lm.head_used = cap.tolist(), used.tolist()
-                if pod is not None:
-                    lead, k_slots, _s, _r = pod
-                    heads = self._heads_of(i)
-                    # as model layers, like `layer`
-                    lm.head_leaders = [self.kv_layers[x][0] if x >= 0 else -1 for x in lead[heads].tolist()]
-                    lm.head_k_slots = k_slots[heads].tolist()
-            layers.append(lm)
         return MemoryReport(
             model=self.model_path, policy=self.policy.name, budget=self.budget, ctx=self.n_ctx, tokens=n,
             cache_type_k=self.cache_type_k, cache_type_v=self.cache_type_v,
-            kv_bytes_allocated=capi.memory_bytes(self.ctx), kv_bytes_prefill=self.working_set_bytes(n),
+            kv_bytes_allocated=self.kv_bytes_allocated(), kv_bytes_prefill=self.working_set_bytes(n),
             kv_bytes_full_f16=self.full_bytes(n, "f16"), kv_bytes_full_q8_0=self.full_bytes(n, "q8_0"),
             kv_bytes_full_q4_0=self.full_bytes(n, "q4_0"),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
-            compute_bytes=capi.compute_bytes(self.ctx), layers=layers)
+            compute_bytes=capi.compute_bytes(self.ctx), layers=self._layer_memory())
 
+    def _layer_memory(self) -> list[LayerMemory]:
+        """Each cached layer's K and V bytes now; compressed: what its heads keep and hold (POD: and share)."""
+        if not self.compressing:
+            return [LayerMemory(layer=il, k_bytes=kb, v_bytes=vb) for il, kb, vb in self.kv_layers]
+        pod = capi.pod_state(self.ctx) if self.pod else None
+        layers = []
+        for i, (il, kb, vb) in enumerate(capi.kv_layers(self.ctx)):  # the bytes now: the cache resizes
+            cap, _alloc, used = capi.head_state(self.ctx, i)
+            lm = LayerMemory(layer=il, k_bytes=kb, v_bytes=vb, capacity=int(cap.max()), used=int(used.max()),
+                             head_capacities=cap.tolist(), head_used=used.tolist())
+            if pod is not None:
+                lead, k_slots, _s, _r = pod
+                heads = self.heads_of(i)
+                # as model layers, like `layer`
+                lm.head_leaders = [self.kv_layers[x][0] if x >= 0 else -1 for x in lead[heads].tolist()]
+                lm.head_k_slots = k_slots[heads].tolist()
+            layers.append(lm)
+        return layers

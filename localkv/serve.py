@@ -293,8 +293,8 @@ class Pool:
 
     @staticmethod
     def history(slot: Slot) -> str:
-        # the rendered text the engine's cache holds (Engine keeps it for keep_history; read-only here)
-        return getattr(slot.engine, "_history_text", "")
+        """The rendered text the slot's cache holds (what a request must start with to continue it)."""
+        return slot.engine.history_text
 
     def any_engine(self, key: CacheKey | None = None):
         for s in self.slots:
@@ -436,13 +436,12 @@ class Server:
             self.worker.shutdown(wait=True)
 
     def _take_snapshot(self) -> None:
-        from . import capi
         rows = []
         now = time.monotonic()
         for s in sorted(self.pool.slots, key=lambda s: -s.last_used):
             e = s.engine
             rows.append({**s.key.describe(), "conversation_tokens": e.n_past, "kv_tokens_kept": e.kv_tokens_kept(),
-                         "kv_bytes_allocated": capi.memory_bytes(e.ctx),
+                         "kv_bytes_allocated": e.kv_bytes_allocated(),
                          "kv_bytes_full_f16": e.full_bytes(e.n_past, "f16"), "requests": s.requests,
                          "idle_s": round(now - s.last_used, 3)})
         with self._lock:
@@ -498,6 +497,7 @@ class Server:
                     self._recent.append(record)
 
     def _generate(self, job: Job) -> dict:
+        from .cache import context_limit, full_cache_ctx
         req = job.req
         renderer = self.pool.any_engine(req.key) or self.pool.any_engine()
         if renderer is None:
@@ -506,14 +506,13 @@ class Server:
         text = renderer.model.chat_prompt(req.messages) if chat else req.prompt
         prompt_tokens = len(renderer.model.tokenize(text, add_special=not chat, parse_special=True))
         max_tokens = req.max_tokens
-        limit = self.engine_kw["ctx"] or renderer.shape.n_ctx_train
+        limit = context_limit(self.engine_kw["ctx"], renderer.shape)
         if req.key.prefill_budget is not None and req.key.prefill_budget > limit:
             raise RequestError(f"'localkv.prefill_budget' {req.key.prefill_budget} is larger than the context "
                                f"({limit} tokens)", param="localkv.prefill_budget")
         if not policies.create(req.key.policy, dict(req.key.policy_args)).compresses:
             # checked before a cache is taken for it: a refused request evicts no conversation
-            from .engine import DEFAULT_CTX
-            n_ctx = self.engine_kw["ctx"] or min(DEFAULT_CTX, renderer.shape.n_ctx_train)
+            n_ctx = full_cache_ctx(self.engine_kw["ctx"], renderer.shape)
             room = n_ctx - prompt_tokens
             if room <= 0:
                 raise RequestError(
@@ -559,8 +558,7 @@ class Server:
             finish = "cancelled"
         else:
             finish = "length"
-        from . import capi
-        pool_bytes = sum(capi.memory_bytes(s.engine.ctx) for s in self.pool.slots)
+        pool_bytes = sum(s.engine.kv_bytes_allocated() for s in self.pool.slots)
         usage = {
             "prompt_tokens": prompt_tokens, "completion_tokens": res.generated_tokens,
             "total_tokens": prompt_tokens + res.generated_tokens,

@@ -29,7 +29,7 @@ class FixedPOD(POD):
     """POD with the blocks above instead of a calibrated profile."""
 
     def prepare(self, engine):
-        self.leaders, self.context, self.profile_path = LEADERS, engine.n_ctx, "(test)"
+        self.leaders, self.profile_path = LEADERS, "(test)"
         if self.evict is not None:
             self.evict.prepare(engine)
 

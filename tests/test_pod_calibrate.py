@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from localkv import calibrate as cal
+from localkv import profiles
 from localkv.errors import LocalkvError
 
 N_LAYER, N_HEAD, N_HEAD_KV = 24, 14, 2
@@ -161,16 +162,17 @@ def test_profile_round_trip_and_where_it_is_found(recorded, tmp_path, monkeypatc
     prof = recorded[0]
     sha = prof["model_sha256"]
     monkeypatch.setenv("LOCALKV_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "shipped")
-    assert cal.find_profile(sha, cal.POD_KIND) is None
-    cal.write_profile(prof, cal.shipped_profile_path(sha, cal.POD_KIND))
-    assert cal.find_profile(sha, cal.POD_KIND).name == f"pod-{sha[:16]}.json"
-    user = cal.user_profile_path(sha, cal.POD_KIND)
-    cal.write_profile(prof, user)
-    assert cal.find_profile(sha, cal.POD_KIND) == user  # the user's own first
-    assert cal.find_profile(sha) is None                # and it is no surfacelogickv profile
-    back = cal.read_profile(user, sha, (N_LAYER, N_HEAD_KV), kind=cal.POD_KIND)
-    np.testing.assert_array_equal(cal.read_pod_profile(user, sha, (N_LAYER, N_HEAD_KV))["leaders"], prof["leaders"])
+    monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "shipped")
+    assert profiles.find_profile(sha, profiles.POD_KIND) is None
+    profiles.write_profile(prof, profiles.shipped_profile_path(sha, profiles.POD_KIND))
+    assert profiles.find_profile(sha, profiles.POD_KIND).name == f"pod-{sha[:16]}.json"
+    user = profiles.user_profile_path(sha, profiles.POD_KIND)
+    profiles.write_profile(prof, user)
+    assert profiles.find_profile(sha, profiles.POD_KIND) == user  # the user's own first
+    assert profiles.find_profile(sha) is None                     # and it is no surfacelogickv profile
+    back = profiles.read_profile(user, sha, (N_LAYER, N_HEAD_KV), kind=profiles.POD_KIND)
+    np.testing.assert_array_equal(profiles.read_pod_profile(user, sha, (N_LAYER, N_HEAD_KV))["leaders"],
+                                  prof["leaders"])
     np.testing.assert_array_equal(back["similarity"], prof["similarity"])
     np.testing.assert_array_equal(back["leaders"], prof["leaders"])
     assert back["leaders"].dtype == np.int64
@@ -244,7 +246,8 @@ def test_delta_and_arguments_are_checked():
 def test_the_shipped_pod_profile_reads_for_the_default_model():
     from localkv.models import load_registry
     sha = next(e["sha256"] for e in load_registry() if e.get("default"))
-    prof = cal.read_profile(cal.shipped_profile_path(sha, cal.POD_KIND), sha, (N_LAYER, N_HEAD_KV), kind="pod")
+    path = profiles.shipped_profile_path(sha, profiles.POD_KIND)
+    prof = profiles.read_profile(path, sha, (N_LAYER, N_HEAD_KV), kind="pod")
     assert prof["probes"] == cal.DEFAULT_POD_PROBES and prof["delta"] == cal.DEFAULT_POD_DELTA
     assert 0 < cal.pod_followers(prof["leaders"]) < (N_LAYER - 1) * N_HEAD_KV
 
@@ -254,9 +257,9 @@ def test_load_or_calibrate_pod_reads_else_calibrates_once(shared_model, model_pa
     engine = SimpleNamespace(model_path=model_path, kv_layers=[None] * N_LAYER, shape=shared_model.shape,
                              model=shared_model)
     prof, path = cal.load_or_calibrate_pod(engine)  # the shipped one (or the user's own)
-    assert path.name == cal.profile_name(prof["model_sha256"], "pod") and prof["leaders"].shape == (N_LAYER, 2)
+    assert path.name == profiles.profile_name(prof["model_sha256"], "pod") and prof["leaders"].shape == (N_LAYER, 2)
     monkeypatch.setenv("LOCALKV_CACHE", str(tmp_path))
-    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "none")
+    monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "none")
     monkeypatch.setattr(cal, "DEFAULT_POD_PROBES", 1)
     prof, path = cal.load_or_calibrate_pod(engine)
     assert str(path).startswith(str(tmp_path)) and prof["probes"] == 1

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_engine
 from localkv import calibrate as cal
-from localkv import capi
+from localkv import capi, profiles
 from localkv.errors import LocalkvError
 from localkv.policies import DECODE, PREFILL, LayerView, create
 from localkv.policies.surfacelogickv import surface_logic_capacities
@@ -97,14 +97,14 @@ def test_head_scores_match_numpy_on_the_recorded_attention(recorded):
 def test_inference_scores_are_the_weighted_group_sums_normalised(recorded):
     prof, _rec = recorded
     for ws, wl in ((1.0, 1.0), (2.0, 0.5), (0.0, 1.0)):
-        got = cal.inference_scores(prof["surface"], prof["logic"], [N_HEAD_KV] * N_LAYER, ws, wl)
+        got = profiles.inference_scores(prof["surface"], prof["logic"], [N_HEAD_KV] * N_LAYER, ws, wl)
         want = []
         for layer in range(N_LAYER):
             for g in range(N_HEAD_KV):
                 qs = range(g * N_HEAD // N_HEAD_KV, (g + 1) * N_HEAD // N_HEAD_KV)
                 want.append(sum(ws * prof["surface"][layer, q] + wl * prof["logic"][layer, q] for q in qs))
         np.testing.assert_allclose(got, np.array(want) / sum(want), rtol=1e-12)
-    flat = cal.inference_scores(np.zeros((2, 4)), np.zeros((2, 4)), [2, 2], 1, 1)
+    flat = profiles.inference_scores(np.zeros((2, 4)), np.zeros((2, 4)), [2, 2], 1, 1)
     np.testing.assert_allclose(flat, 0.25)
 
 
@@ -135,9 +135,9 @@ def test_capacities_are_floor_plus_pool_and_add_up_exactly(budget, beta):
 def test_the_shipped_profile_gives_uneven_budgets_for_the_default_model():
     from localkv.models import load_registry
     sha = next(e["sha256"] for e in load_registry() if e.get("default"))
-    path = cal.shipped_profile_path(sha)
-    prof = cal.read_profile(path, sha, (N_LAYER, N_HEAD))
-    caps = surface_logic_capacities(cal.kv_scores(prof).reshape(-1), 128, 32, 1.5)
+    path = profiles.shipped_profile_path(sha)
+    prof = profiles.read_profile(path, sha, (N_LAYER, N_HEAD))
+    caps = surface_logic_capacities(profiles.kv_scores(prof).reshape(-1), 128, 32, 1.5)
     assert sum(caps) == 128 * N_LAYER * N_HEAD_KV and max(caps) > 2 * min(caps)
 
 
@@ -214,14 +214,14 @@ def test_adaptive_and_surfacelogickv_arguments_are_checked():
 def test_a_layer_whose_heads_share_its_budget_is_over_only_as_a_whole():
     from types import SimpleNamespace
 
-    from localkv.engine import Engine
+    from localkv.cache import CompressedCache
     used = np.array([200, 40, 100, 100, 150, 150])
     targets = np.full(6, 128)
     limits = np.array([300, 300, 300, 300, 300, 140])
 
     def over(args, lim=None):
-        eng = SimpleNamespace(_head0=np.array([0, 2, 4, 6]), policy=create("snapkv", args))
-        return Engine._layers_over(eng, used, targets, lim)
+        cache = SimpleNamespace(head0=np.array([0, 2, 4, 6]), policy=create("snapkv", args))
+        return CompressedCache.layers_over(cache, used, targets, lim)
     assert over({}) == [0, 2]                          # a head over its own target
     assert over({"adaptive": "true"}) == [2]           # only the layer whose total is over (300 > 256)
     assert over({"adaptive": "true"}, limits) == [2]
@@ -274,7 +274,7 @@ def test_surfacelogickv_memory_follows_the_calibrated_capacities(model_path):
 @pytest.mark.model
 def test_a_missing_profile_is_calibrated_on_first_use_and_saved(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALKV_CACHE", str(tmp_path))
-    monkeypatch.setattr(cal, "SHIPPED_DIR", tmp_path / "none")
+    monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "none")
     monkeypatch.setattr(cal, "DEFAULT_PROBES", 1)
     with make_engine(model_path, policy="surfacelogickv", budget=64) as eng:
         path = eng.policy.profile_path
@@ -302,8 +302,8 @@ def _profile_and_change(kind):
     if kind == "pod":
         sim = np.array([[0.9, 0.1], [0.2, 0.7]])
         prof = {"format": 1, "kind": "pod", "model_sha256": "ab" * 32, "n_layer": 3, "kv_heads": [2, 2, 2],
-                "delta": 0.5, "similarity": sim, "leaders": cal.pod_blocks(sim, 0.5)}
-        return prof, {**prof, "similarity": sim / 2, "leaders": cal.pod_blocks(sim / 2, 0.5)}, ((3, 2), "pod")
+                "delta": 0.5, "similarity": sim, "leaders": profiles.pod_blocks(sim, 0.5)}
+        return prof, {**prof, "similarity": sim / 2, "leaders": profiles.pod_blocks(sim / 2, 0.5)}, ((3, 2), "pod")
     prof = {"format": 1, "kind": "surfacelogickv", "model_sha256": "ab" * 32, "kv_heads": [1],
             "surface": np.zeros((1, 2)), "logic": np.ones((1, 2))}
     return prof, {**prof, "logic": np.full((1, 2), 2.0)}, ((1, 2), "surfacelogickv")
@@ -313,20 +313,20 @@ def _profile_and_change(kind):
 def test_profiles_are_written_atomically(tmp_path, monkeypatch, kind):
     target = tmp_path / "p.json"
     prof, changed, (shape, read_kind) = _profile_and_change(kind)
-    cal.write_profile(prof, target)
+    profiles.write_profile(prof, target)
     before = target.read_bytes()
 
     def boom(*_a, **_k):
         raise OSError("disk full")
     monkeypatch.setattr(json, "dump", boom)
     with pytest.raises(OSError):
-        cal.write_profile(changed, target)
+        profiles.write_profile(changed, target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.json"]
-    back = cal.read_profile(target, "ab" * 32, shape, kind=read_kind)
+    back = profiles.read_profile(target, "ab" * 32, shape, kind=read_kind)
     if kind == "pod":
         assert back["similarity"].tolist() == prof["similarity"].tolist()
         assert back["leaders"].tolist() == [[0, 0], [0, 1], [2, 1]]
     else:
         assert back["logic"].tolist() == [[1.0, 1.0]]
     with pytest.raises(LocalkvError, match="another model"):
-        cal.read_profile(target, "cd" * 32, kind=read_kind)
+        profiles.read_profile(target, "cd" * 32, kind=read_kind)

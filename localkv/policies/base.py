@@ -137,8 +137,8 @@ class Policy:
         """Called once after every compression (e.g. to restart an accumulation)."""
 
     def prepare(self, engine) -> None:
-        """Called once by the engine before it asks for capacities (a policy that needs the model, e.g. a
-        calibrated profile, loads it here)."""
+        """Called once by the engine before it asks for capacities (a policy that needs the model's calibrated
+        profile reads it here: engine.profile(kind))."""
 
     @property
     def shares_layer_budget(self) -> bool:

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import capi
-from ..calibrate import DEFAULT_POD_DELTA
 from ..errors import LocalkvError
+from ..profiles import DEFAULT_POD_DELTA, POD_KIND, PROFILE_KIND, kv_scores, pod_blocks, read_pod_profile
 from .base import Policy
 
 
@@ -29,15 +29,14 @@ class POD(Policy):
 
     name = "pod"
     summary = "followers keep K only for sinks + recent tokens and reuse their leader layer's logits for the rest"
-    not_arguments = ("window", "span", "pool", "whole_words", "consensus", "evict", "context")
+    not_arguments = ("window", "span", "pool", "whole_words", "consensus", "evict")
 
     sinks: int = 16
-    delta: float = DEFAULT_POD_DELTA  # chosen from the measured curve (localkv.calibrate)
+    delta: float = DEFAULT_POD_DELTA  # chosen from the measured curve (localkv.profiles)
     proximal: int = 0   # pod+<policy>: the proximal size n_s + n_r (0: budget/4, at least sinks + 256)
     protect: int = 0    # this many retrieval heads (SurfaceLogicKV's profile, highest first) never follow
     profile: str = ""
     evict: Policy | None = field(default=None, repr=False)  # the composed eviction policy (pod+<policy>)
-    context: int = field(default=1 << 20, repr=False)  # set by prepare: what plain POD holds per head
 
     def __post_init__(self):
         self.window = 0
@@ -46,7 +45,8 @@ class POD(Policy):
 
     @property
     def keeps_all(self) -> bool:
-        """Plain POD evicts nothing: every head holds the whole context."""
+        """Plain POD evicts nothing: every head holds the whole context (the engine sizes its heads so; the
+        budget is the proximal size)."""
         return self.evict is None
 
     @property
@@ -102,25 +102,21 @@ class POD(Policy):
         return bool(self.evict and self.evict.query_heads)
 
     def capacities(self, budget, n_layers):
-        return self.evict.capacities(budget, n_layers) if self.evict else [self.context] * n_layers
+        return self.evict.capacities(budget, n_layers) if self.evict else super().capacities(budget, n_layers)
 
     def head_capacities(self, budget, heads):
-        if self.evict is None:
-            return [self.context] * sum(heads)
-        return self.evict.head_capacities(budget, heads)
+        return self.evict.head_capacities(budget, heads) if self.evict else super().head_capacities(budget, heads)
 
     def prepare(self, engine):
-        from ..calibrate import load_or_calibrate_pod, pod_blocks, read_pod_profile
         if self.profile:
             path = Path(self.profile).expanduser()
             prof = read_pod_profile(path, shape=(len(engine.kv_layers), engine.shape.n_head_kv))
         else:
-            prof, path = load_or_calibrate_pod(engine)
+            prof, path = engine.profile(POD_KIND)
         self.profile_path = str(path)
         self.leaders = pod_blocks(np.asarray(prof["similarity"], dtype=np.float64), self.delta)  # [layers, KV heads]: the layer each head follows
         if self.protect:
             self.leaders = protect_retrieval_heads(self.leaders, engine, self.protect)
-        self.context = engine.n_ctx
         if self.evict is not None:
             self.evict.prepare(engine)
 
@@ -188,8 +184,7 @@ def protect_retrieval_heads(leaders: np.ndarray, engine, n: int) -> np.ndarray:
     calibrated profile) out of them: a head that copies a distant fact must see it with its own keys, and a
     leader's logits put another layer's attention there (measured in the README). A protected follower leads
     itself; the rest of its block still follows the block's leader."""
-    from ..calibrate import kv_scores, load_or_calibrate
-    prof, _path = load_or_calibrate(engine)
+    prof, _path = engine.profile(PROFILE_KIND)
     scores = kv_scores(prof)
     out = np.array(leaders, copy=True)
     for k in np.argsort(-scores.reshape(-1), kind="stable")[:n]:

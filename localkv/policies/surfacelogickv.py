@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LocalkvError
+from ..profiles import PROFILE_KIND, inference_scores, read_profile
 from .snapkv import SnapKV
 
 
@@ -47,12 +48,11 @@ class SurfaceLogicKV(SnapKV):
                                f"{self.w_surface} and {self.w_logic}")
 
     def prepare(self, engine):
-        from ..calibrate import inference_scores, load_or_calibrate, read_profile
-        shape = (len(engine.kv_layers), engine.shape.n_head)
         if self.profile:
+            shape = (len(engine.kv_layers), engine.shape.n_head)
             prof, path = read_profile(Path(self.profile).expanduser(), shape=shape), Path(self.profile)
         else:
-            prof, path = load_or_calibrate(engine)
+            prof, path = engine.profile(PROFILE_KIND)
         self.profile_path = str(path)
         self.scores = inference_scores(prof["surface"], prof["logic"], list(engine.kv_heads), self.w_surface,
                                        self.w_logic)
