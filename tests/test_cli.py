@@ -32,10 +32,12 @@ def tmpfile(tmp_path):
     return make
 
 
+@pytest.mark.model  # no model, but the command loads the patched library before it checks
 def test_missing_model_file():
     assert_one_line_error(*run("generate", "hi", "--model", "/nonexistent/model.gguf"), "does not exist")
 
 
+@pytest.mark.model
 def test_empty_and_non_gguf_and_truncated_model_files(tmpfile, model_path):
     assert_one_line_error(*run("generate", "hi", "--model", tmpfile("empty.gguf", b"")), "empty")
     assert_one_line_error(*run("generate", "hi", "--model", tmpfile("text.gguf", b"hello world" * 100)), "GGUF")
@@ -49,6 +51,7 @@ def test_unknown_registry_model():
     assert_one_line_error(rc, out, err, "qwen2.5-coder-0.5b-instruct-q4_k_m")
 
 
+@pytest.mark.model
 def test_unknown_policy_and_arguments():
     assert_one_line_error(*run("generate", "hi", "--policy", "magic", "--budget", "64"), "unknown policy")
     assert_one_line_error(*run("generate", "hi", "--policy", "snapkv", "--budget", "64", "--policy-arg", "nope=1"),
@@ -59,11 +62,13 @@ def test_unknown_policy_and_arguments():
     assert_one_line_error(*run("generate", "hi", "--budget", "64"), "compressing policy")
 
 
+@pytest.mark.model
 def test_budget_out_of_range():
     assert_one_line_error(*run("generate", "hi", "--policy", "ahakv", "--budget", "8"), "smaller than")
     assert_one_line_error(*run("generate", "hi", "--policy", "snapkv", "--budget", "100000"), "larger than the context")
 
 
+@pytest.mark.model
 def test_prompt_longer_than_context_with_full():
     assert_one_line_error(*run("generate", "word " * 300, "--ctx", "128", "--max-tokens", "2"), "raise --ctx")
 
@@ -73,10 +78,12 @@ def test_non_utf8_prompt_file(tmpfile):
     assert_one_line_error(*run("generate", "--prompt-file", "/nonexistent.txt"), "cannot read")
 
 
+@pytest.mark.model  # no model, but the command loads the patched library before it checks
 def test_unknown_cache_type():
     assert_one_line_error(*run("generate", "hi", "--cache-type-k", "q3_9"), "unknown KV cache type")
 
 
+@pytest.mark.model
 def test_memory_plot_needs_png(tmp_path):
     assert_one_line_error(*run("memory", "--ctx", "256", "--plot", str(tmp_path / "x.txt")), ".png")
 
@@ -131,6 +138,7 @@ def test_corrupted_saved_chat_is_refused(tmpfile):
     assert_one_line_error(rc, out, err, "not a saved conversation")
 
 
+@pytest.mark.model  # no model, but the command loads the patched library before it checks
 def test_bench_commands_resume_from_finished_results(tmp_path):
     """With every configuration already in the results file, the commands only render (no model needed)."""
     from localkv.bench import common
@@ -177,6 +185,7 @@ def test_bench_commands_resume_from_finished_results(tmp_path):
     assert not (tmp_path / "untouched").exists()
 
 
+@pytest.mark.model
 def test_gpu_layers_option():
     """--gpu-layers on every command that loads a model: a bad count is one line; 0 (none) runs on the CPU."""
     assert_one_line_error(*run("generate", "hi", "--gpu-layers", "-3"), "--gpu-layers")
@@ -191,6 +200,7 @@ def test_gpu_layers_option():
     assert "4" in json.loads(out)["text"]
 
 
+@pytest.mark.model
 def test_calibrate_show_reads_the_shipped_profile_and_plots(tmp_path):
     png = tmp_path / "heads.png"
     rc, out, err = run("calibrate", "--show", "--budget", "128", "--plot", str(png))
@@ -201,6 +211,7 @@ def test_calibrate_show_reads_the_shipped_profile_and_plots(tmp_path):
     assert prof["kind"] == "surfacelogickv" and len(prof["surface"]) == 24 and len(prof["surface"][0]) == 14
 
 
+@pytest.mark.model  # no model, but the command loads the patched library before it checks
 def test_calibrate_bad_input():
     assert_one_line_error(*run("calibrate", "--policy", "snapkv"), "surfacelogickv only")
     assert_one_line_error(*run("calibrate", "--show", "--plot", "heads.txt"), "PNG")
@@ -209,6 +220,7 @@ def test_calibrate_bad_input():
                           "not a valid bool")
 
 
+@pytest.mark.model
 def test_memory_shows_uneven_heads_for_surfacelogickv(tmp_path):
     png = tmp_path / "mem.png"
     rc, out, err = run("memory", "--policy", "surfacelogickv", "--budget", "128", "--json")

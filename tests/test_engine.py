@@ -110,6 +110,7 @@ def _rss_bytes():
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow  # the soak test
 def test_soak_long_chat_memory_stays_flat(model_path):
     """A scripted chat of 150 turns with a small budget: every turn answers, KV and RSS stay flat."""
     with make_engine(model_path, policy="snapkv", budget=96, chunk=64, decode_interval=16) as eng:

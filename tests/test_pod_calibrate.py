@@ -112,6 +112,7 @@ def recorded(shared_model):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_calibrated_similarity_is_recomputed_from_the_recorded_rows(recorded):
     prof, rec = recorded
     rows = {(probe, query, layer): r for probe, query, layer, r in rec}
@@ -143,6 +144,7 @@ def test_calibrated_similarity_is_recomputed_from_the_recorded_rows(recorded):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_blocks_follow_the_reference_on_the_recorded_similarities(recorded):
     sim = recorded[0]["similarity"]
     followers = []
@@ -158,6 +160,7 @@ def test_blocks_follow_the_reference_on_the_recorded_similarities(recorded):
 # ---------------------------------------------------------------- profiles
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_profile_round_trip_and_where_it_is_found(recorded, tmp_path, monkeypatch):
     prof = recorded[0]
     sha = prof["model_sha256"]
@@ -189,6 +192,7 @@ def _pod_file(tmp_path, prof, **changes):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_a_bad_pod_profile_is_one_clear_error(recorded, tmp_path):
     prof = recorded[0]
     sha, sim, leaders = prof["model_sha256"], prof["similarity"], prof["leaders"]
@@ -253,6 +257,7 @@ def test_the_shipped_pod_profile_reads_for_the_default_model():
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_load_or_calibrate_pod_reads_else_calibrates_once(shared_model, model_path, tmp_path, monkeypatch, capsys):
     engine = SimpleNamespace(model_path=model_path, kv_layers=[None] * N_LAYER, shape=shared_model.shape,
                              model=shared_model)
@@ -284,6 +289,7 @@ def assert_one_line_error(rc, out, err, match):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_calibrate_pod_shows_plots_and_prints_json(recorded, model_path, tmp_path):
     prof = recorded[0]
     env = {"LOCALKV_CACHE": str(tmp_path)}

@@ -75,6 +75,7 @@ def recorded(model_path):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_head_scores_match_numpy_on_the_recorded_attention(recorded):
     prof, rec = recorded
     surf, logic = np.zeros((N_LAYER, N_HEAD)), np.zeros((N_LAYER, N_HEAD))
@@ -94,6 +95,7 @@ def test_head_scores_match_numpy_on_the_recorded_attention(recorded):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_inference_scores_are_the_weighted_group_sums_normalised(recorded):
     prof, _rec = recorded
     for ws, wl in ((1.0, 1.0), (2.0, 0.5), (0.0, 1.0)):
@@ -272,6 +274,7 @@ def test_surfacelogickv_memory_follows_the_calibrated_capacities(model_path):
 
 
 @pytest.mark.model
+@pytest.mark.slow  # calibrates
 def test_a_missing_profile_is_calibrated_on_first_use_and_saved(model_path, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALKV_CACHE", str(tmp_path))
     monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "none")
