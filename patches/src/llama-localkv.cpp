@@ -1,16 +1,19 @@
 // Implementation of the flat C API declared in include/llama-localkv.h.
 // Nothing here throws across the C boundary: every entry point checks its
-// arguments and returns an error code.
+// arguments and returns an error code, and those of the compressed cache run
+// inside one guard (localkv_guard) that turns an exception into one.
 #include "llama-localkv.h"
 
 #include "llama-context.h"
 #include "llama-ext.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
-#include "llama-kv-compress.h"
+#include "llama-kv-cache-compressed.h"
 #include "llama-model.h"
 
+#include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 int32_t llama_localkv_abi_version(void) {
@@ -34,37 +37,34 @@ static std::vector<llama_kv_cache *> localkv_kv_caches(const llama_context * ctx
 }
 
 // the context's compressed cache, or nullptr
-static llama_kv_cache_cmp * localkv_cmp_of(const llama_context * ctx) {
-    return ctx ? dynamic_cast<llama_kv_cache_cmp *>(ctx->get_memory()) : nullptr;
+static llama_kv_cache_compressed * localkv_compressed_of(const llama_context * ctx) {
+    return ctx ? dynamic_cast<llama_kv_cache_compressed *>(ctx->get_memory()) : nullptr;
+}
+
+// one kind of the context's buffers (llama_memory_breakdown_data::context or ::compute), summed over all backends
+static int64_t localkv_breakdown_bytes(const llama_context * ctx, size_t llama_memory_breakdown_data::* kind) {
+    if (!ctx) {
+        return -1;
+    }
+    int64_t total = 0;
+    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx)) {
+        (void) buft;
+        total += (int64_t) (data.*kind);
+    }
+    return total;
 }
 
 int64_t llama_localkv_memory_bytes(const llama_context * ctx) {
-    if (!ctx) {
-        return -1;
-    }
-    int64_t total = 0;
-    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx)) {
-        (void) buft;
-        total += (int64_t) data.context;
-    }
-    return total;
+    return localkv_breakdown_bytes(ctx, &llama_memory_breakdown_data::context);
 }
 
 int64_t llama_localkv_compute_bytes(const llama_context * ctx) {
-    if (!ctx) {
-        return -1;
-    }
-    int64_t total = 0;
-    for (const auto & [buft, data] : llama_get_memory_breakdown(ctx)) {
-        (void) buft;
-        total += (int64_t) data.compute;
-    }
-    return total;
+    return localkv_breakdown_bytes(ctx, &llama_memory_breakdown_data::compute);
 }
 
 int32_t llama_localkv_n_kv_layers(const llama_context * ctx) {
-    if (const auto * cmp = localkv_cmp_of(ctx)) {
-        return (int32_t) cmp->get_layers().size();
+    if (const auto * kv = localkv_compressed_of(ctx)) {
+        return (int32_t) kv->get_layers().size();
     }
     const auto caches = localkv_kv_caches(ctx);
     if (caches.empty()) {
@@ -86,8 +86,8 @@ int32_t llama_localkv_kv_layer_info(const llama_context * ctx, int32_t i, int32_
         if (v_bytes)   { *v_bytes   = v ? ggml_nbytes(v) : 0; }
         return 0;
     };
-    if (const auto * cmp = localkv_cmp_of(ctx)) {
-        const auto & layers = cmp->get_layers();
+    if (const auto * kv = localkv_compressed_of(ctx)) {
+        const auto & layers = kv->get_layers();
         if (i < 0 || (size_t) i >= layers.size()) {
             return -2;
         }
@@ -113,7 +113,7 @@ int32_t llama_localkv_kv_layer_info(const llama_context * ctx, int32_t i, int32_
 }
 
 //
-// compressed KV cache
+// compressed KV cache: every entry point runs inside localkv_guard, so nothing throws across the C boundary
 //
 
 static thread_local std::string localkv_error;
@@ -127,28 +127,59 @@ static int32_t localkv_fail(int32_t code, const std::string & msg) {
     return code;
 }
 
-// the context's compressed cache, or nullptr with the error recorded in `code`
-static llama_kv_cache_cmp * localkv_cmp_cache(const llama_context * ctx, int32_t & code) {
-    if (!ctx) {
-        code = localkv_fail(LLAMA_LOCALKV_ERR_ARG, "ctx is NULL");
-        return nullptr;
+// a status from the cache: returned as is unless it is an error, which records `err`
+static int32_t localkv_result(int32_t rc, const std::string & err) {
+    return rc >= 0 ? rc : localkv_fail(rc, err);
+}
+
+// what `body` returns; an exception becomes the error code `on_throw`, with its message recorded
+template <typename F>
+static auto localkv_guard(int32_t on_throw, F && body) -> decltype(body()) {
+    try {
+        return body();
+    } catch (const std::exception & e) {
+        return localkv_fail(on_throw, e.what());
     }
-    llama_kv_cache_cmp * kv = localkv_cmp_of(ctx);
-    if (!kv) {
-        code = localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage is not enabled on this context");
-        return nullptr;
-    }
-    return kv;
+}
+
+// what `body` returns for the context's compressed cache, inside localkv_guard; an error code when ctx is NULL or
+// has no compressed cache
+template <typename F>
+static auto localkv_with_cache(const llama_context * ctx, int32_t on_throw, F && body)
+        -> decltype(body(std::declval<llama_kv_cache_compressed &>())) {
+    using result = decltype(body(std::declval<llama_kv_cache_compressed &>()));
+    return localkv_guard(on_throw, [&]() -> result {
+        if (!ctx) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "ctx is NULL");
+        }
+        llama_kv_cache_compressed * kv = localkv_compressed_of(ctx);
+        if (!kv) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage is not enabled on this context");
+        }
+        return body(*kv);
+    });
 }
 
 // run the pending compactions (through the context's memory update, which also stops the previous
 // decode graph from being reused) before anything reads or reshapes the device buffers
-static void localkv_flush(llama_context * ctx, llama_kv_cache_cmp * kv) {
-    if (kv->has_pending()) {
+static void localkv_flush(llama_context * ctx, llama_kv_cache_compressed & kv) {
+    if (kv.has_pending()) {
         ctx->synchronize();
         ctx->memory_update(false);
     }
     ctx->synchronize();
+}
+
+// localkv_with_cache for a call that reads or reshapes the device: the pending compactions run first, and `body`
+// returns a status, setting `err` on failure
+template <typename F>
+static int32_t localkv_call_flushed(llama_context * ctx, int32_t on_throw, F && body) {
+    return localkv_with_cache(ctx, on_throw, [&](llama_kv_cache_compressed & kv) {
+        localkv_flush(ctx, kv);
+        std::string err;
+        const int32_t rc = body(kv, err);
+        return localkv_result(rc, err);
+    });
 }
 
 // why the context's memory cannot be replaced by a compressed cache ("" when it can)
@@ -172,270 +203,194 @@ static std::string localkv_why_not(const llama_context * ctx) {
 }
 
 int32_t llama_localkv_enable(llama_context * ctx, const uint32_t * capacities, const uint32_t * slots, int32_t n_heads) {
-    if (!ctx) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "ctx is NULL");
-    }
-    if (localkv_cmp_of(ctx)) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage is already enabled on this context");
-    }
-    auto * kv = dynamic_cast<llama_kv_cache *>(ctx->get_memory());
-    if (!kv) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED,
-                "this model's memory is not a plain KV cache (sliding-window, recurrent or hybrid models cannot be compressed)");
-    }
-    const std::string why = localkv_why_not(ctx);
-    if (!why.empty()) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED, why);
-    }
-    if (kv->seq_pos_max(0) >= 0) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage must be enabled on an empty cache");
-    }
-    try {
+    return localkv_guard(LLAMA_LOCALKV_ERR_ALLOC, [&]() -> int32_t {
+        if (!ctx) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "ctx is NULL");
+        }
+        if (localkv_compressed_of(ctx)) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage is already enabled on this context");
+        }
+        auto * kv = dynamic_cast<llama_kv_cache *>(ctx->get_memory());
+        if (!kv) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED,
+                    "this model's memory is not a plain KV cache (sliding-window, recurrent or hybrid models cannot be compressed)");
+        }
+        const std::string why = localkv_why_not(ctx);
+        if (!why.empty()) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED, why);
+        }
+        if (kv->seq_pos_max(0) >= 0) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage must be enabled on an empty cache");
+        }
         ctx->synchronize();
         int32_t rc = LLAMA_LOCALKV_OK;
         std::string err;
         // built in full beside the plain cache, so a failure leaves the context as it was
-        auto cmp = llama_kv_cache_cmp::create(ctx->get_model(), *kv, capacities, slots, n_heads, rc, err);
-        if (!cmp) {
+        auto compressed = llama_kv_cache_compressed::create(ctx->get_model(), *kv, capacities, slots, n_heads, rc, err);
+        if (!compressed) {
             return localkv_fail(rc, err);
         }
-        ctx->swap_memory(std::move(cmp)); // the plain cache's buffers are freed here
+        ctx->swap_memory(std::move(compressed)); // the plain cache's buffers are freed here
         return LLAMA_LOCALKV_OK;
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ALLOC, e.what());
-    }
+    });
 }
 
 int32_t llama_localkv_resize(llama_context * ctx, const uint32_t * capacities, const uint32_t * slots, int32_t n_heads) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
-        localkv_flush(ctx, kv);
-        std::string err;
-        const int32_t rc = kv->resize(capacities, slots, n_heads, err);
-        return rc == LLAMA_LOCALKV_OK ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ALLOC, e.what());
-    }
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ALLOC, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        return kv.resize(capacities, slots, n_heads, err);
+    });
 }
 
 int32_t llama_localkv_enabled(const llama_context * ctx) {
     if (!ctx) {
         return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "ctx is NULL");
     }
-    return localkv_cmp_of(ctx) ? 1 : 0;
+    return localkv_compressed_of(ctx) ? 1 : 0;
 }
 
 int32_t llama_localkv_set_stats(llama_context * ctx, uint32_t flags, uint32_t window) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    const bool query_heads = flags & LLAMA_LOCALKV_STATS_QUERY_HEADS;
-    flags &= ~LLAMA_LOCALKV_STATS_QUERY_HEADS;
-    if (flags >= (1u << LLAMA_LOCALKV_STAT_COUNT)) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "unknown statistic in flags " + std::to_string(flags));
-    }
-    if (window == 0 || window > 1u << 16) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "observation window " + std::to_string(window) + " is out of range");
-    }
-    try {
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ALLOC, [&](llama_kv_cache_compressed & kv) -> int32_t {
+        const bool query_heads = flags & LLAMA_LOCALKV_STATS_QUERY_HEADS;
+        const uint32_t stats   = flags & ~LLAMA_LOCALKV_STATS_QUERY_HEADS;
+        if (stats >= (1u << LLAMA_LOCALKV_STAT_COUNT)) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "unknown statistic in flags " + std::to_string(stats));
+        }
+        if (window == 0 || window > 1u << 16) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "observation window " + std::to_string(window) + " is out of range");
+        }
         localkv_flush(ctx, kv);
         std::string err;
-        const int32_t rc = kv->set_stats(flags, window, query_heads, err);
-        return rc == LLAMA_LOCALKV_OK ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ALLOC, e.what());
-    }
+        return localkv_result(kv.set_stats(stats, window, query_heads, err), err);
+    });
 }
 
 int32_t llama_localkv_clear_stat(llama_context * ctx, int32_t stat) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
-        localkv_flush(ctx, kv);
-        std::string err;
-        const int32_t rc = kv->clear_stat(stat, err);
-        return rc == LLAMA_LOCALKV_OK ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, e.what());
-    }
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        return kv.clear_stat(stat, err);
+    });
 }
 
 int32_t llama_localkv_set_hidden(llama_context * ctx, int32_t p0, int32_t p1) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    if (p0 < 0 || p1 < 0) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "hidden positions [" + std::to_string(p0) + ", " + std::to_string(p1) +
-                ") must not be negative");
-    }
-    if (p0 < p1 && kv->pod_recent() > 0) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "positions cannot be hidden while POD is on");
-    }
-    kv->set_hidden(p0, p1);
-    return LLAMA_LOCALKV_OK;
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) -> int32_t {
+        if (p0 < 0 || p1 < 0) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "hidden positions [" + std::to_string(p0) + ", " + std::to_string(p1) +
+                    ") must not be negative");
+        }
+        if (p0 < p1 && kv.pod_recent() > 0) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "positions cannot be hidden while POD is on");
+        }
+        kv.set_hidden(p0, p1);
+        return LLAMA_LOCALKV_OK;
+    });
 }
 
 int32_t llama_localkv_set_pod(llama_context * ctx, const int32_t * leader, int32_t n_heads, uint32_t n_sink, uint32_t n_recent) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
-        localkv_flush(ctx, kv);
-        std::string err;
-        const int32_t rc = kv->set_pod(leader, n_heads, n_sink, n_recent, err);
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ALLOC, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        const int32_t rc = kv.set_pod(leader, n_heads, n_sink, n_recent, err);
         if (rc == LLAMA_LOCALKV_OK) {
             ctx->swap_memory(ctx->swap_memory(nullptr)); // graphs built before point to the old buffers
         }
-        return rc == LLAMA_LOCALKV_OK ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ALLOC, e.what());
+        return rc;
+    });
+}
+
+// an error unless output arrays of n entries (any of them NULL when `any` is false) hold one per KV head
+static int32_t localkv_check_per_head(const llama_kv_cache_compressed & kv, bool any, size_t n) {
+    const size_t n_heads = kv.n_heads_total();
+    if (any && n < n_heads) {
+        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "output arrays too small: need " + std::to_string(n_heads));
     }
+    return (int32_t) n_heads;
 }
 
 int32_t llama_localkv_pod_state(const llama_context * ctx, int32_t * leader, uint32_t * k_slots, uint32_t * n_sink,
         uint32_t * first_recent, size_t n) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    const size_t n_heads = kv->n_heads_total();
-    if ((leader || k_slots || n_sink || first_recent) && n < n_heads) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "output arrays too small: need " + std::to_string(n_heads));
-    }
-    size_t k = 0;
-    for (const auto & cl : kv->get_layers()) {
-        for (uint32_t h = 0; h < cl.n_head_kv; ++h, ++k) {
-            uint32_t s = 0, r = 0;
-            kv->pod_proximal(cl, h, s, r);
-            if (leader)       { leader[k]       = cl.leader[h]; }
-            if (k_slots)      { k_slots[k]      = cl.kalloc[h]; }
-            if (n_sink)       { n_sink[k]       = s; }
-            if (first_recent) { first_recent[k] = r; }
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) {
+        const int32_t n_heads = localkv_check_per_head(kv, leader || k_slots || n_sink || first_recent, n);
+        if (n_heads < 0) {
+            return n_heads;
         }
-    }
-    return (int32_t) n_heads;
+        size_t k = 0;
+        for (const auto & layer : kv.get_layers()) {
+            for (uint32_t h = 0; h < layer.n_head_kv; ++h, ++k) {
+                uint32_t s = 0, r = 0;
+                kv.pod_proximal(layer, h, s, r);
+                if (leader)       { leader[k]       = layer.leader[h]; }
+                if (k_slots)      { k_slots[k]      = layer.k_alloc[h]; }
+                if (n_sink)       { n_sink[k]       = s; }
+                if (first_recent) { first_recent[k] = r; }
+            }
+        }
+        return n_heads;
+    });
 }
 
 int32_t llama_localkv_cache_state(const llama_context * ctx, uint32_t * capacity, uint32_t * n_alloc, uint32_t * n_used, size_t n) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    const size_t n_heads = kv->n_heads_total();
-    if ((capacity || n_alloc || n_used) && n < n_heads) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "output arrays too small: need " + std::to_string(n_heads));
-    }
-    size_t k = 0;
-    for (const auto & cl : kv->get_layers()) {
-        for (uint32_t h = 0; h < cl.n_head_kv; ++h, ++k) {
-            if (capacity) { capacity[k] = cl.cap[h]; }
-            if (n_alloc)  { n_alloc[k]  = cl.alloc[h]; }
-            if (n_used)   { n_used[k]   = cl.n_used[h]; }
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) {
+        const int32_t n_heads = localkv_check_per_head(kv, capacity || n_alloc || n_used, n);
+        if (n_heads < 0) {
+            return n_heads;
         }
-    }
-    return (int32_t) n_heads;
+        size_t k = 0;
+        for (const auto & layer : kv.get_layers()) {
+            for (uint32_t h = 0; h < layer.n_head_kv; ++h, ++k) {
+                if (capacity) { capacity[k] = layer.capacity[h]; }
+                if (n_alloc)  { n_alloc[k]  = layer.alloc[h]; }
+                if (n_used)   { n_used[k]   = layer.n_used[h]; }
+            }
+        }
+        return n_heads;
+    });
 }
 
 int32_t llama_localkv_get_positions(const llama_context * ctx, int32_t i, int32_t * out, size_t n_out) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    const auto & layers = kv->get_layers();
-    if (i < 0 || i >= (int32_t) layers.size()) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_LAYER, "no cached layer " + std::to_string(i));
-    }
-    const auto & cl = layers[i];
-    const size_t n = cl.used_total();
-    if ((!out && n > 0) || n_out < n) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "output buffer too small: need " + std::to_string(n));
-    }
-    size_t k = 0;
-    for (uint32_t h = 0; h < cl.n_head_kv; ++h) {
-        for (uint32_t s = 0; s < cl.n_used[h]; ++s) {
-            out[k++] = cl.pos[cl.base[h] + s];
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) -> int32_t {
+        const auto & layers = kv.get_layers();
+        if (i < 0 || i >= (int32_t) layers.size()) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_LAYER, "no cached layer " + std::to_string(i));
         }
-    }
-    return (int32_t) n;
+        const auto & layer = layers[i];
+        const size_t n = layer.used_total();
+        if ((!out && n > 0) || n_out < n) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_ARG, "output buffer too small: need " + std::to_string(n));
+        }
+        size_t k = 0;
+        for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+            for (uint32_t s = 0; s < layer.n_used[h]; ++s) {
+                out[k++] = layer.pos[layer.base[h] + s];
+            }
+        }
+        return (int32_t) n;
+    });
 }
 
 int32_t llama_localkv_get_stat(llama_context * ctx, int32_t i, int32_t stat, bool sum_per_kv_head, float * out, size_t n_out) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
-        localkv_flush(ctx, kv);
-        std::string err;
-        const int32_t rc = kv->get_stat(i, stat, sum_per_kv_head, out, n_out, err);
-        return rc >= 0 ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, e.what());
-    }
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        return kv.get_stat(i, stat, sum_per_kv_head, out, n_out, err);
+    });
 }
 
 int32_t llama_localkv_keep(llama_context * ctx, int32_t i, const int32_t * slots, const int32_t * n_keep) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) {
         std::string err;
-        const int32_t rc = kv->keep(i, slots, n_keep, err);
-        return rc == LLAMA_LOCALKV_OK ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, e.what());
-    }
+        return localkv_result(kv.keep(i, slots, n_keep, err), err);
+    });
 }
 
 int64_t llama_localkv_stats_bytes(const llama_context * ctx) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    return (int64_t) kv->stats_bytes();
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [](llama_kv_cache_compressed & kv) {
+        return (int64_t) kv.stats_bytes();
+    });
 }
 
 int64_t llama_localkv_transfer_bytes(const llama_context * ctx) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    return (int64_t) kv->get_transfer_bytes();
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [](llama_kv_cache_compressed & kv) {
+        return (int64_t) kv.get_transfer_bytes();
+    });
 }
 
 int32_t llama_localkv_read_rows(llama_context * ctx, int32_t i, int32_t which, void * out, size_t n_out) {
-    int32_t code = 0;
-    llama_kv_cache_cmp * kv = localkv_cmp_cache(ctx, code);
-    if (!kv) {
-        return code;
-    }
-    try {
-        localkv_flush(ctx, kv);
-        std::string err;
-        const int32_t rc = kv->read_rows(i, which, out, n_out, err);
-        return rc >= 0 ? rc : localkv_fail(rc, err);
-    } catch (const std::exception & e) {
-        return localkv_fail(LLAMA_LOCALKV_ERR_ARG, e.what());
-    }
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        return kv.read_rows(i, which, out, n_out, err);
+    });
 }
