@@ -28,8 +28,9 @@ HELP = """commands:
 
 def conversation_policy_args(policy: str, args: dict[str, str]) -> dict[str, str]:
     """A conversation's earlier turns are compressed before the later questions exist: a policy that can
-    replay them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in the
-    README: SnapKV keeps no fact of an earlier turn at a third of the conversation without it). Used by
+    replay them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in
+    docs/results.md, "KVzip: a chat that remembers": SnapKV keeps no fact of an earlier turn at a third of the
+    conversation without it). Used by
     `localkv chat` and by `localkv serve`, whose cached conversations are the same thing."""
     from .policies import available
     cls = available().get(policy)

@@ -22,7 +22,7 @@ PROFILE_KIND = "surfacelogickv"
 POD_KIND = "pod"
 SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "profiles"  # package data
 DEFAULT_POD_DELTA = 0.6  # the paper uses 0.5; on the default model, training-free, 0.6 is the most sharing that kept
-# every needle and a KL under 0.02 at 4K (README, "POD: attention shared across layers")
+# every needle and a KL under 0.02 at 4K (docs/results.md, "POD: attention shared across layers")
 
 
 # ---------------------------------------------------------------- what the numbers give

@@ -733,4 +733,4 @@ def test_models_info_default_model():
     assert rc == 0, err
     d = json.loads(out)
     assert d["architecture"] == "qwen2" and d["kv_bytes_per_token"]["f16"] == 24 * 2 * 64 * 2 * 2
-    assert d["contexts"][0]["compressed_f16"] == 12288 * 288  # budget 256 + 32 (decode interval): 3.4 MiB, as README says
+    assert d["contexts"][0]["compressed_f16"] == 12288 * 288  # budget 256 + 32 (decode interval): 3.4 MiB, as docs/results.md says

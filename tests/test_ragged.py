@@ -128,7 +128,7 @@ def test_an_engine_with_per_head_budgets_holds_them_and_answers(model_path):
     filler = "The river flows past the old mill and the wind moves the grass on the hills. "
     prompt = filler * 12 + "The vault password is BLUE-HERON-42. " + filler * 12 + \
         "Question: what is the vault password?"
-    from ragged_spread import SpreadSnapKV  # the policy the README's spread numbers use (its script loads the engine)
+    from ragged_spread import SpreadSnapKV  # the policy docs/results.md's spread numbers use (its script loads the engine)
     spread = SpreadSnapKV()
     spread.spread = 3
     with make_engine(model_path, policy=spread, budget=192, chunk=128) as eng:

@@ -182,7 +182,7 @@ def _unit(row: np.ndarray) -> np.ndarray:
 def protect_retrieval_heads(leaders: np.ndarray, engine, n: int) -> np.ndarray:
     """The blocks with the n (layer, KV head)s that retrieve most (SurfaceLogicKV's needle-probe INFsc, its own
     calibrated profile) out of them: a head that copies a distant fact must see it with its own keys, and a
-    leader's logits put another layer's attention there (measured in the README). A protected follower leads
+    leader's logits put another layer's attention there (measured in docs/results.md). A protected follower leads
     itself; the rest of its block still follows the block's leader."""
     prof, _path = engine.profile(PROFILE_KIND)
     scores = kv_scores(prof)
