@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from localkv import calibrate as cal
+from localkv import profiles
 from localkv.engine import Engine
 from localkv.memory import save_png
 
@@ -53,7 +54,7 @@ def measured(results: Path) -> tuple[dict, dict]:
 def main() -> None:
     results = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/pod")
     png = sys.argv[2] if len(sys.argv) > 2 else str(results / "pod_curve.png")
-    prof = json.loads(next(cal.SHIPPED_DIR.glob("pod-*.json")).read_text())
+    prof = json.loads(next(profiles.SHIPPED_DIR.glob("pod-*.json")).read_text())
     sim = np.asarray(prof["similarity"])
     followers = {d: cal.pod_followers(cal.pod_blocks(sim, d)) for d in DELTAS}
     heads = (sim.shape[0] + 1) * sim.shape[1]
