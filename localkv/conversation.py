@@ -33,6 +33,15 @@ class Conversation:
         self.history_text = ""
         self.unscored, self.span_tail = [], []
 
+    def mark(self) -> tuple:
+        """What the conversation is now; restore(mark) forgets what was fed after it (a turn rolled back)."""
+        return self.n_past, self.words.mark(), self.history_text, list(self.unscored), list(self.span_tail)
+
+    def restore(self, mark: tuple) -> None:
+        self.n_past, words, self.history_text, unscored, span_tail = mark
+        self.words.restore(words)
+        self.unscored, self.span_tail = list(unscored), list(span_tail)
+
     def append(self, tokens: list[int], replayed_later: bool) -> None:
         """`tokens` were fed after the rest; `replayed_later`: a reconstruction will score them."""
         self.words.extend(tokens)

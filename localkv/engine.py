@@ -31,7 +31,7 @@ from . import capi, models, policies
 from .cache import (DEFAULT_CTX, DEFAULT_PREFILL_BUDGET, CachePlan, CompressedCache, pad_slots, plan_cache,
                     shares_attention)
 from .conversation import Conversation
-from .errors import LocalkvError
+from .errors import Interrupted, LocalkvError
 from .generation import GenerationResult, Reply, peak_rss_bytes, sample_reply
 from .llama import TYPE_BYTES, Model, cache_type, init_backend, last_log_error, ll
 from .policies import DECODE, PREFILL, LayerView
@@ -91,6 +91,26 @@ def _check_arguments(chunk: int, gpu_layers: int, ctx: int | None) -> None:
         raise LocalkvError(f"--ctx {ctx} is too small (at least 16)")
 
 
+class _PrefillWatch:
+    """A prompt being read: how much of it, whom to tell, and whether to stop (Engine.generate)."""
+
+    def __init__(self, total: int, should_stop: Callable[[], bool] | None,
+                 on_progress: Callable[[int, int], None] | None):
+        self.total, self.read = total, 0
+        self.should_stop, self.on_progress = should_stop, on_progress
+
+    def check(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted("interrupted while the prompt was read: the turn was rolled back")
+
+    def advance(self, read: int) -> None:
+        if read:
+            self.read += read
+            if self.on_progress is not None:
+                self.on_progress(min(self.read, self.total), self.total)
+        self.check()
+
+
 class Engine:
     """A model and a context configured for one policy and budget."""
 
@@ -100,12 +120,15 @@ class Engine:
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
                  verbose: bool = False, progress: bool | None = None, eval_callback=None,
-                 shared_model: Model | None = None, gpu_layers: int = -1):
+                 shared_model: Model | None = None, gpu_layers: int = -1, calibrate: bool = True):
         """`shared_model`: a loaded Model to run on instead of loading `model` again (several contexts on one
         model, as the server's conversation pool does); the caller keeps it open and closes it.
         `gpu_layers`: layers offloaded to a GPU backend when one was built (llama.cpp's convention: -1 all,
-        0 none); their K/V caches, compressed ones included, live on the GPU with them."""
+        0 none); their K/V caches, compressed ones included, live on the GPU with them.
+        `calibrate`: whether a policy whose profile this model lacks may calibrate it now (minutes); False
+        refuses in one line instead (the server: no request ever calibrates)."""
         init_backend(verbose)
+        self.calibrate = calibrate
         # a name (the CLI), or a Policy instance (the Python API: a subclass with its own per-head budgets)
         self.policy = policy if isinstance(policy, policies.Policy) else policies.create(policy, policy_args)
         self.budget = budget
@@ -124,6 +147,8 @@ class Engine:
             self.policy.prepare(self)  # it may read a calibrated profile (Engine.profile) before it sizes heads
             self.cache = self._compressed_cache()
         self.conversation = Conversation(self.model)
+        self._turn: tuple | None = None      # the conversation before the last generate()'s prompt (rollback_turn)
+        self._prefill: _PrefillWatch | None = None  # the prompt being read: interruption and progress
         self._stats_phase: tuple | str | None = None
         # what the engine has done so far (the bench reads these)
         self.compressions, self.compress_seconds = 0, 0.0
@@ -169,6 +194,11 @@ class Engine:
         user's, else the shipped one, else calibrated now, once, and saved."""
         # calibration sits above the engine (it runs an engine of its own): reached only for a missing profile
         from .calibrate import load_or_calibrate_kind
+        if not self.calibrate:
+            from .profiles import find_profile
+            if find_profile(models.file_sha256(self.model_path), kind) is None:
+                raise LocalkvError(f"no {kind} profile for {Path(self.model_path).name}: run `localkv calibrate "
+                                   f"--policy {kind} --model {self.model_path}` first")
         return load_or_calibrate_kind(self, kind)
 
     # ---------------------------------------------------------------- lifecycle
@@ -400,6 +430,7 @@ class Engine:
                 last = j == len(chunks) - 1
                 self._set_phase(PREFILL, observe=last or self.cache.compresses_before(len(chunk), len(chunks[j + 1])))
             self._decode(chunk, want_logits and j == len(chunks) - 1)
+            self._tick(len(chunk))
         # question-aware: the last queries of the prompt decide what the budget keeps
         if self.compressing:
             self.compress(PREFILL)
@@ -431,6 +462,7 @@ class Engine:
             for j, chunk in enumerate(chunks):  # a policy's own window statistic sees each span's end
                 self._set_phase(PREFILL, observe=j == len(chunks) - 1)
                 self._decode(chunk, False)
+                self._tick(len(chunk))
             self.reconstruct(prefix)
         self.cache.grow(1)
         self._set_phase(PREFILL, observe=False)
@@ -459,6 +491,7 @@ class Engine:
         self._stats_phase = None
         try:
             for i in range(0, len(replay), n_batch):
+                self._tick(0)
                 self._run_batch(replay[i:i + n_batch], self.n_past + i, False)
         finally:
             capi.set_hidden(self.ctx, 0, 0)
@@ -523,7 +556,8 @@ class Engine:
                  ignore_eos: bool = False, chat: bool = True, keep_history: bool = False,
                  answer_prefix: str = "", split_before: str | None = None,
                  on_text: Callable[[str], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate a reply. `prompt` is wrapped in the chat template unless chat=False.
 
         With keep_history the cache is not emptied first: `messages` continues
@@ -532,6 +566,10 @@ class Engine:
         split_before cuts the prompt at the last occurrence of that text: what
         comes before is fed and compressed first, without seeing the rest (how
         every later turn of a chat works; "question-agnostic" compression).
+        should_stop is asked between prompt chunks (Interrupted is raised, the
+        prompt rolled back) and between decoded tokens (the reply ends there,
+        stop_reason "interrupted"; rollback_turn() forgets it). on_progress(read,
+        total) is called after each prompt chunk.
         """
         if max_tokens < 0:
             raise LocalkvError(f"max tokens must be >= 0, got {max_tokens}")
@@ -543,14 +581,44 @@ class Engine:
         segments = self._prompt_segments(text, keep_history, chat, split_before)
         n_prompt = sum(len(seg) for seg in segments)
         before = (self.compressions, self.compress_seconds, self.compress_bytes())
+        self._turn = self.conversation.mark()
         t0 = time.perf_counter()
-        for seg in segments:
-            self.feed(seg)
+        self._prefill = _PrefillWatch(n_prompt, should_stop, on_progress)
+        try:
+            self._prefill.check()
+            for seg in segments:
+                self.feed(seg)
+        except BaseException:
+            self.rollback_turn()  # an interrupted or failed prompt leaves nothing half-read in the cache
+            raise
+        finally:
+            self._prefill = None
         t_prefill = time.perf_counter() - t0
         reply = sample_reply(self, max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos,
                              on_text=on_text, should_stop=should_stop)
         self.conversation.history_text = text + reply.text if answer_prefix == "" and reply.in_cache else ""
         return self._result(reply, n_prompt, t0, t_prefill, before)
+
+    def rollback_turn(self) -> None:
+        """Forget what the last generate() fed (its prompt and reply): the cache and the conversation are as they
+        were before it. Tokens a compression dropped meanwhile stay dropped (the policy would drop them anyway)."""
+        if self._turn is None:
+            return
+        n_past = self._turn[0]
+        if self.n_past > n_past and not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, n_past, -1):
+            self.reset()  # the cache could not cut the tail: start over rather than hold a half turn
+            self._turn = None
+            return
+        self.conversation.restore(self._turn)
+        self._stats_phase = None
+        if self.cache:
+            self.cache.settle()
+        self._turn = None
+
+    def _tick(self, read: int) -> None:
+        """Between prompt chunks (and replay batches): stop if asked, report progress."""
+        if self._prefill is not None:
+            self._prefill.advance(read)
 
     def _prompt_segments(self, text: str, keep_history: bool, chat: bool, split_before: str | None) -> list[list[int]]:
         """The tokens to feed for `text`: what is new after the conversation the cache holds (all of it when

@@ -9,3 +9,9 @@ class LocalkvError(Exception):
     """A user-facing error: the message is one line that says what to do."""
 
     exit_code = 1
+
+
+class Interrupted(LocalkvError):
+    """The caller asked to stop (Ctrl-C, a client gone) while a prompt was read; the turn was rolled back."""
+
+    exit_code = 130

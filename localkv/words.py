@@ -39,6 +39,13 @@ class WordIndex:
     def __len__(self) -> int:
         return self._n
 
+    def mark(self) -> tuple[int, bool, int]:
+        """Where the index stands: restore() goes back to it after later positions were recorded."""
+        return self._n, self._open_ends, self._run
+
+    def restore(self, mark: tuple[int, bool, int]) -> None:
+        self._n, self._open_ends, self._run = mark
+
     def _token_edges(self, token: int) -> tuple[bool, bool]:
         edges = self._edges.get(token)
         if edges is None:

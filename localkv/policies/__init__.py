@@ -10,9 +10,9 @@ import pkgutil
 from dataclasses import fields
 
 from ..errors import LocalkvError
-from .base import DECODE, PREFILL, LayerView, Policy
+from .base import DECODE, PREFILL, LayerView, Policy, PolicyArgError
 
-__all__ = ["DECODE", "PREFILL", "LayerView", "Policy", "available", "create", "parse_args"]
+__all__ = ["DECODE", "PREFILL", "LayerView", "Policy", "PolicyArgError", "available", "create", "parse_args"]
 
 
 def _discover() -> dict[str, type[Policy]]:
@@ -76,9 +76,12 @@ def create(name: str, args: dict[str, str] | None = None) -> Policy:
         default = known[key].default
         try:
             kwargs[key] = type(default)(raw) if not isinstance(default, bool) else _bool(raw)
-        except ValueError:
-            raise LocalkvError(f"policy argument {key}={raw!r} is not a valid {type(default).__name__}") from None
-    return cls(**kwargs)
+        except (ValueError, OverflowError):
+            raise PolicyArgError(key, f"policy argument {key}={raw!r} is not a valid {type(default).__name__}") \
+                from None
+    policy = cls(**kwargs)
+    policy.check_arguments()
+    return policy
 
 
 def _bool(raw: str) -> bool:

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import capi
-from .base import PREFILL, HeadAdaptive, avg_pool
+from .base import KERNEL, MAX_TOKENS, PREFILL, HeadAdaptive, Range, avg_pool
 
 
 @dataclass
@@ -26,6 +26,8 @@ class AhaKV(HeadAdaptive):
 
     name = "ahakv"
     summary = "recent accumulation + step-gain softmax + value prior, keeps evicting while decoding"
+
+    ranges = {"r": Range(1, MAX_TOKENS), "vpe_kernel": KERNEL}
 
     window: int = 32
     r: int = 32

@@ -22,6 +22,38 @@ from ..errors import LocalkvError
 PREFILL = "prefill"
 DECODE = "decode"
 
+MAX_TOKENS = 1 << 24  # the most tokens an argument may count (far past any context a model is trained for)
+
+
+class PolicyArgError(LocalkvError):
+    """A policy argument of the wrong type or out of its range; `arg` names it (the server's 400 says which)."""
+
+    def __init__(self, arg: str, message: str):
+        super().__init__(message)
+        self.arg = arg
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric policy argument may take: lo <= x <= hi (x < hi with hi_open). NaN is never in."""
+
+    lo: float
+    hi: float
+    hi_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        return self.lo <= x and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else str(x)
+        return f"[{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+TOKENS = Range(0, MAX_TOKENS)       # a count of positions
+KERNEL = Range(1, 4096)             # a pooling width in slots
+FRACTION = Range(0.0, 1.0)
+
 
 @dataclass
 class LayerView:
@@ -102,6 +134,11 @@ class Policy:
     compresses: ClassVar[bool] = True
     query_heads: ClassVar[bool] = False  # statistics per query head instead of summed per KV head
     not_arguments: ClassVar[tuple[str, ...]] = ()  # inherited fields that do not apply to this policy
+    # the range of every numeric argument, declared by the class that adds it (merged over the class's bases;
+    # tests/test_policies.py checks that every numeric argument of every policy has one)
+    ranges: ClassVar[dict[str, Range]] = {"sinks": TOKENS, "window": TOKENS, "span": KERNEL, "pool": KERNEL,
+                                          "consensus": FRACTION}
+    file_arguments: ClassVar[tuple[str, ...]] = ()  # arguments that name a file (never taken from a request)
 
     sinks: int = 0       # the first `sinks` positions of the sequence are always kept
     window: int = 32     # the last `window` positions are always kept
@@ -139,6 +176,10 @@ class Policy:
     def prepare(self, engine) -> None:
         """Called once by the engine before it asks for capacities (a policy that needs the model's calibrated
         profile reads it here: engine.profile(kind))."""
+
+    def profile_kinds(self) -> set[str]:
+        """The calibrated profiles (localkv.profiles kinds) `prepare` will ask the engine for."""
+        return set()
 
     @property
     def shares_layer_budget(self) -> bool:
@@ -178,16 +219,36 @@ class Policy:
         return self.sinks + self.window
 
     def validate(self, budget: int) -> None:
+        self.check_arguments()
         if budget < self.min_budget():
             raise LocalkvError(
                 f"budget {budget} is smaller than what {self.name} always keeps "
                 f"(sinks {self.sinks} + window {self.window} = {self.min_budget()})")
-        if self.span < 1:
-            raise LocalkvError(f"span must be at least 1, got {self.span}")
-        if self.pool < 1:
-            raise LocalkvError(f"pool must be at least 1, got {self.pool}")
-        if not 0.0 <= self.consensus <= 1.0:
-            raise LocalkvError(f"consensus must be in [0, 1], got {self.consensus}")
+
+    @classmethod
+    def argument_ranges(cls) -> dict[str, Range]:
+        """Every numeric argument's range: the declarations of the class and its bases, nearest last."""
+        out: dict[str, Range] = {}
+        for klass in reversed(cls.__mro__):
+            out.update(vars(klass).get("ranges", {}))
+        return out
+
+    def check_arguments(self) -> None:
+        """Each argument has its declared type and lies in its range: PolicyArgError naming the first that does
+        not. The one check the CLI, the Python API and the server share (policies.create and validate call it)."""
+        ranges = self.argument_ranges()
+        for name, kind, _default in self.arguments():
+            value = getattr(self, name)
+            if kind is bool or kind is str:
+                if not isinstance(value, kind):
+                    raise PolicyArgError(name, f"policy argument {name} must be a {kind.__name__}, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (kind is int and not float(value).is_integer()):
+                raise PolicyArgError(name, f"policy argument {name} must be a {kind.__name__}, got {value!r}")
+            if value not in ranges[name]:
+                raise PolicyArgError(name, f"policy argument {name}={value!r} is out of range: "
+                                           f"{self.name} takes {name} in {ranges[name]}")
 
     def protected(self, view: LayerView) -> np.ndarray:
         """[n_head_kv, n_used] True for the sinks and the recent window."""
@@ -295,6 +356,8 @@ class HeadAdaptive(Policy):
     so the bytes, are those of the uniform split.
     """
 
+    ranges = {"adaptive_floor": FRACTION}
+
     adaptive: bool = False
     adaptive_floor: float = 0.2
     # replay every span (KVzip's reconstruction) and keep a token that either the replay or the policy's own
@@ -312,11 +375,6 @@ class HeadAdaptive(Policy):
         rebuilt = view.stat(capi.STAT_MAX).astype(np.float64)
         top = lambda x: np.maximum(np.where(view.valid, x, 0).max(axis=1, keepdims=True), 1e-30)  # noqa: E731
         return np.maximum(own / top(own), rebuilt / top(rebuilt))
-
-    def validate(self, budget):
-        super().validate(budget)
-        if not 0.0 <= self.adaptive_floor <= 1.0:
-            raise LocalkvError(f"adaptive_floor must be in [0, 1], got {self.adaptive_floor}")
 
     @property
     def shares_layer_budget(self):

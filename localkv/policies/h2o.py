@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import capi
-from ..errors import LocalkvError
-from .base import HeadAdaptive
+from .base import HeadAdaptive, Range
 
 
 @dataclass
@@ -21,6 +20,8 @@ class H2O(HeadAdaptive):
 
     name = "h2o"
     summary = "accumulated attention of all queries plus a recent window, also while decoding"
+
+    ranges = {"recent_ratio": Range(0.0, 1.0, hi_open=True)}
 
     window: int = 0           # the recent part comes from recent_ratio
     recent_ratio: float = 0.5
@@ -42,8 +43,4 @@ class H2O(HeadAdaptive):
         pos = view.positions
         return (pos < self.sinks) | (pos >= view.n_seen - recent)
 
-    def validate(self, budget):
-        super().validate(budget)
-        if not 0.0 <= self.recent_ratio < 1.0:
-            raise LocalkvError(f"recent_ratio must be in [0, 1), got {self.recent_ratio}")
 

@@ -3,8 +3,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import capi
-from ..errors import LocalkvError
-from .base import PREFILL, Policy, adaptive_counts
+from .base import FRACTION, PREFILL, Policy, Range, adaptive_counts
 
 
 @dataclass
@@ -30,6 +29,8 @@ class KVzip(Policy):
     summary = "query-agnostic: attention of a replay that rebuilds the context, one threshold over all heads"
     reconstructs = True  # (a class attribute over Policy's property)
 
+    ranges = {"replay_chunk": Range(16, 1 << 16), "head_floor": FRACTION}
+
     sinks: int = 4
     window: int = 16
     replay_chunk: int = 2048   # tokens rebuilt by one replay (KVzip: about 2K); a field here, an argument
@@ -41,13 +42,6 @@ class KVzip(Policy):
 
     def obs_window(self, phase):
         return 1
-
-    def validate(self, budget):
-        super().validate(budget)
-        if self.replay_chunk < 16:
-            raise LocalkvError(f"replay_chunk must be at least 16, got {self.replay_chunk}")
-        if not 0.0 <= self.head_floor <= 1.0:
-            raise LocalkvError(f"head_floor must be in [0, 1], got {self.head_floor}")
 
     @property
     def shares_model_budget(self):

@@ -6,7 +6,7 @@ import numpy as np
 from .. import capi
 from ..errors import LocalkvError
 from ..profiles import DEFAULT_POD_DELTA, POD_KIND, PROFILE_KIND, kv_scores, pod_blocks, read_pod_profile
-from .base import Policy
+from .base import FRACTION, TOKENS, Policy, Range
 
 
 @dataclass
@@ -30,6 +30,9 @@ class POD(Policy):
     name = "pod"
     summary = "followers keep K only for sinks + recent tokens and reuse their leader layer's logits for the rest"
     not_arguments = ("window", "span", "pool", "whole_words", "consensus", "evict")
+
+    ranges = {"delta": FRACTION, "proximal": TOKENS, "protect": Range(0, 1 << 16)}
+    file_arguments = ("profile",)
 
     sinks: int = 16
     delta: float = DEFAULT_POD_DELTA  # chosen from the measured curve (localkv.profiles)
@@ -67,14 +70,7 @@ class POD(Policy):
         return self.sinks + 1 if self.evict is None else self.evict.min_budget()
 
     def validate(self, budget):
-        if self.sinks < 0:
-            raise LocalkvError(f"sinks must be >= 0, got {self.sinks}")
-        if not 0.0 <= self.delta <= 1.0:
-            raise LocalkvError(f"delta must be in [0, 1], got {self.delta}")
-        if self.protect < 0:
-            raise LocalkvError(f"protect must be >= 0, got {self.protect}")
-        if self.proximal < 0:
-            raise LocalkvError(f"proximal must be >= 0, got {self.proximal}")
+        self.check_arguments()
         if self.evict is None:
             if budget <= self.sinks:
                 raise LocalkvError(f"pod's --budget is the proximal size (sinks + recent tokens): {budget} leaves no "
@@ -119,6 +115,10 @@ class POD(Policy):
             self.leaders = protect_retrieval_heads(self.leaders, engine, self.protect)
         if self.evict is not None:
             self.evict.prepare(engine)
+
+    def profile_kinds(self):
+        own = set() if self.profile else {POD_KIND}
+        return own | ({PROFILE_KIND} if self.protect else set()) | (self.evict.profile_kinds() if self.evict else set())
 
     def pod_leaders(self) -> list[int]:
         """Per (layer, KV head), layer after layer: -1 for a leader, else the cached layer it follows."""

@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from .base import Range
 from .snapkv import SnapKV
 
 
@@ -16,6 +17,8 @@ class PyramidKV(SnapKV):
 
     name = "pyramidkv"
     summary = "SnapKV selection with budgets decreasing linearly from lower to upper layers"
+
+    ranges = {"beta": Range(1, 1e6)}
 
     beta: int = 20
 

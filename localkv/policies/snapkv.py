@@ -1,7 +1,7 @@
 from dataclasses import dataclass
 
 from .. import capi
-from .base import PREFILL, HeadAdaptive, max_pool
+from .base import KERNEL, PREFILL, HeadAdaptive, max_pool
 
 
 @dataclass
@@ -19,6 +19,8 @@ class SnapKV(HeadAdaptive):
 
     name = "snapkv"
     summary = "attention of the last 32 prompt queries, max-pooled (kernel 7), top-k per KV head"
+
+    ranges = {"kernel": KERNEL}
 
     window: int = 32
     kernel: int = 7

@@ -5,6 +5,7 @@ import numpy as np
 
 from ..errors import LocalkvError
 from ..profiles import PROFILE_KIND, inference_scores, read_profile
+from .base import Range
 from .snapkv import SnapKV
 
 
@@ -32,6 +33,10 @@ class SurfaceLogicKV(SnapKV):
 
     not_arguments = ("adaptive", "adaptive_floor")  # the profile sets the per-head budgets
 
+    # beta 1 shares the whole budget by score
+    ranges = {"beta": Range(1.0, 1e6), "w_surface": Range(0.0, 1e6), "w_logic": Range(0.0, 1e6)}
+    file_arguments = ("profile",)
+
     beta: float = 1.5
     w_surface: float = 1.0
     w_logic: float = 1.0
@@ -41,11 +46,11 @@ class SurfaceLogicKV(SnapKV):
         super().validate(budget)
         if self.adaptive:
             raise LocalkvError("surfacelogickv sets its per-head budgets from its profile: adaptive does not apply")
-        if self.beta < 1.0:
-            raise LocalkvError(f"beta must be at least 1 (1 shares the whole budget by score), got {self.beta}")
-        if self.w_surface < 0 or self.w_logic < 0 or self.w_surface + self.w_logic <= 0:
-            raise LocalkvError("w_surface and w_logic must be >= 0 and not both 0, got "
-                               f"{self.w_surface} and {self.w_logic}")
+        if self.w_surface + self.w_logic <= 0:
+            raise LocalkvError("w_surface and w_logic must not both be 0")
+
+    def profile_kinds(self):
+        return set() if self.profile else {PROFILE_KIND}
 
     def prepare(self, engine):
         if self.profile:
