@@ -131,9 +131,15 @@ def generate(
         text = _read_prompt(prompt, prompt_file)
         with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads, gpu_layers,
                      **_prefill_kw(prefill_budget)) as eng:
-            stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-            res = eng.generate(text, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                               ignore_eos=ignore_eos, chat=not raw, on_text=stream)
+            from .progress import PrefillProgress
+            progress = None if as_json else PrefillProgress.for_engine(eng, sys.stderr)
+            stream = None if as_json else (lambda s: (progress.done(), sys.stdout.write(s), sys.stdout.flush()))
+            try:
+                res = eng.generate(text, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                   ignore_eos=ignore_eos, chat=not raw, on_text=stream, on_progress=progress)
+            finally:
+                if progress is not None:
+                    progress.done()
         if as_json:
             print(json.dumps(res.to_dict(), indent=2))
         else:
@@ -158,14 +164,17 @@ def chat(
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: int = GpuLayersOpt,
 ):
-    """Interactive chat with streaming replies (also reads turns from a pipe). /help lists commands."""
+    """Interactive chat with streaming replies (also reads turns from a pipe, one per line, or the lines between
+    two \"\"\" lines). /help lists commands and keys."""
     from .chat import ChatSession, chat_policy_args
+    from .progress import PrefillProgress
     run_guarded(lambda: ChatSession(
         lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget),
                              chat_policy_args(kw.get("policy", policy), policy_arg), ctx,
                              cache_type_k, cache_type_v, threads, gpu_layers, **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
-        policy=policy, budget=budget, out=out, err=err).run())
+        policy=policy, budget=budget, out=out, err=err,
+        progress=lambda eng: PrefillProgress.for_engine(eng, sys.stderr)).run())
 
 
 @app.command()

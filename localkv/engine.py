@@ -359,6 +359,12 @@ class Engine:
         """Bytes compression has moved between host and backend so far (0 with the full cache)."""
         return capi.transfer_bytes(self.ctx) if self.compressing else 0
 
+    def kv_tokens_per_head(self) -> np.ndarray:
+        """Tokens each (layer, KV head) holds now (every head holds the whole conversation with a full cache)."""
+        if not self.compressing:
+            return np.full(len(self.kv_layers) * self.shape.n_head_kv, self.n_past, dtype=np.int64)
+        return capi.cache_state(self.ctx)[2]
+
     def kv_tokens_kept(self) -> int:
         """Tokens per KV head held now (the largest layer), or all tokens with the full cache."""
         if not self.compressing:
@@ -581,7 +587,7 @@ class Engine:
         segments = self._prompt_segments(text, keep_history, chat, split_before)
         n_prompt = sum(len(seg) for seg in segments)
         before = (self.compressions, self.compress_seconds, self.compress_bytes())
-        self._turn = self.conversation.mark()
+        self._turn = (self.conversation.mark(), self.compressions)
         t0 = time.perf_counter()
         self._prefill = _PrefillWatch(n_prompt, should_stop, on_progress)
         try:
@@ -601,19 +607,22 @@ class Engine:
 
     def rollback_turn(self) -> None:
         """Forget what the last generate() fed (its prompt and reply): the cache and the conversation are as they
-        were before it. Tokens a compression dropped meanwhile stay dropped (the policy would drop them anyway)."""
+        were before it. The turn's tokens are cut from the cache; if a compression ran during the turn it may
+        have dropped earlier tokens for the turn's sake, so the cache is emptied instead and the next turn of a
+        chat reads the conversation again (history_text is then "")."""
         if self._turn is None:
             return
-        n_past = self._turn[0]
-        if self.n_past > n_past and not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, n_past, -1):
-            self.reset()  # the cache could not cut the tail: start over rather than hold a half turn
-            self._turn = None
+        mark, compressions = self._turn
+        self._turn = None
+        n_past = mark[0]
+        if self.compressions != compressions or (
+                self.n_past > n_past and not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, n_past, -1)):
+            self.reset()
             return
-        self.conversation.restore(self._turn)
+        self.conversation.restore(mark)
         self._stats_phase = None
         if self.cache:
             self.cache.settle()
-        self._turn = None
 
     def _tick(self, read: int) -> None:
         """Between prompt chunks (and replay batches): stop if asked, report progress."""

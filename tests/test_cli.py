@@ -132,6 +132,23 @@ def test_piped_chat_keeps_history_and_saves(tmp_path):
 
 
 @pytest.mark.model
+def test_piped_chat_joins_a_quoted_block_and_reads_files(tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("Meeting moved to room 42.\nBring the slides.\n")
+    save = tmp_path / "chat.json"
+    script = ('"""\nMy cat is called Miso.\nShe is four years old.\n"""\n'
+              f"/file {note} Which room?\n/save {save}\n")
+    rc, out, err = run("chat", "--temperature", "0", "--max-tokens", "16", stdin=script)
+    assert rc == 0, err
+    msgs = json.loads(save.read_text())["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 2
+    assert msgs[0]["content"] == "My cat is called Miso.\nShe is four years old."
+    assert msgs[2]["content"].startswith("Meeting moved to room 42.") and msgs[2]["content"].endswith("Which room?")
+    assert "42" in msgs[3]["content"]
+    assert "reading the prompt" not in err  # no progress line in a pipe
+
+
+@pytest.mark.model
 def test_corrupted_saved_chat_is_refused(tmpfile):
     bad = tmpfile("bad.json", b"{not json")
     rc, out, err = run("chat", stdin=f"/load {bad}\n")

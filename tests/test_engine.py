@@ -129,3 +129,51 @@ def test_soak_long_chat_memory_stays_flat(model_path):
         assert kv[0] == kv[1]
         assert rss[1] - rss[0] < 24 * 2**20, rss      # no growth beyond noise
         assert str(149 * 7) in res.text               # the latest turn still answers about itself
+
+
+@pytest.mark.parametrize("policy,budget,args,prefill", [
+    ("full", None, {}, None), ("snapkv", 64, {}, None), ("snapkv", 64, {"replay": "true"}, None),
+    ("snapkv", 64, {}, 0), ("kvzip", 64, {"replay_chunk": "64"}, 0)])
+def test_an_interrupted_or_failed_turn_is_rolled_back(model_path, policy, budget, args, prefill):
+    """Stopping (or failing) while a prompt is read leaves the cache and the conversation as before the turn:
+    the turn is cut from the cache when nothing was compressed meanwhile (a turn inside the prefill working
+    set); with prefill budget 0 (a compression after every chunk, which may drop earlier tokens for the turn's
+    sake) the cache is emptied instead and the next turn reads the conversation again. Either way the next turn
+    knows what the earlier one said."""
+    from localkv.errors import Interrupted
+    kw = {} if prefill is None else {"prefill_budget": prefill}
+    with make_engine(model_path, policy=policy, budget=budget, policy_args=args, chunk=32, **kw) as eng:
+        msgs = [{"role": "user", "content": "Remember this: the locker code is 4417. Reply OK."}]
+        first = eng.generate(messages=msgs, max_tokens=6, temperature=0, keep_history=True)
+        msgs.append({"role": "assistant", "content": first.text})
+        before = (eng.n_past, eng.history_text, eng.kv_tokens_per_head().tolist())
+        cut = prefill is None  # nothing compressed during the turn: cut out exactly
+        after = before[:2] if cut else (0, "")
+        long_turn = msgs + [{"role": "user", "content": " ".join(f"Note {i}: the tide was low." for i in range(40))}]
+        asked = []
+        with pytest.raises(Interrupted):
+            eng.generate(messages=long_turn, max_tokens=4, temperature=0, keep_history=True,
+                         should_stop=lambda: len(asked) > 5 or asked.append(1))
+        assert len(asked) == 6  # it stopped at the sixth check, between chunks, not at the end
+        assert (eng.n_past, eng.history_text) == after
+        if cut:
+            assert eng.kv_tokens_per_head().tolist() == before[2]
+        else:
+            assert eng.kv_tokens_per_head().max() == 0
+
+        def broken():
+            raise RuntimeError("a failure half-way")
+        with pytest.raises(RuntimeError):
+            eng.generate(messages=long_turn, max_tokens=4, temperature=0, keep_history=True, should_stop=broken)
+        assert (eng.n_past, eng.history_text) == after
+        # a reply stopped while decoding is forgotten on request
+        shown = []
+        res = eng.generate(messages=msgs + [{"role": "user", "content": "Count to ten."}], max_tokens=30,
+                           temperature=0, keep_history=True, on_text=shown.append, should_stop=lambda: len(shown) >= 3)
+        assert res.stop_reason == "interrupted"
+        eng.rollback_turn()
+        assert (eng.n_past, eng.history_text) == after
+        res = eng.generate(messages=msgs + [{"role": "user", "content": "What is the locker code?"}], max_tokens=12,
+                           temperature=0, keep_history=True)
+        assert (res.prompt_tokens < 30) == cut  # only the new turn was fed, or the conversation was read again
+        assert "4417" in res.text
