@@ -194,6 +194,14 @@ def serve(
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: int = GpuLayersOpt,
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LOCALKV_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on every route but /health "
+                                               "(also read from LOCALKV_API_KEY)"),
+    cors: Optional[List[str]] = typer.Option(None, "--cors", help="allow browser requests from this origin "
+                                                                  "(repeatable; '*' for any)"),
+    queue: int = typer.Option(16, "--queue", help="requests that may wait for the worker; more get 503 + "
+                                                  "Retry-After"),
+    max_body: int = typer.Option(4 << 20, "--max-body", help="largest request body in bytes (413 beyond)"),
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with compressed caches."""
     def body():
@@ -203,13 +211,14 @@ def serve(
         server = srv.Server(model, policy=policy, budget=budget, policy_args=parse_args(policy_arg),
                             prefill_budget=prefill_budget, ctx=ctx, cache_type_k=cache_type_k,
                             cache_type_v=cache_type_v, threads=threads, pool_size=pool, max_tokens=max_tokens,
-                            verbose=_VERBOSE, gpu_layers=gpu_layers)
+                            verbose=_VERBOSE, gpu_layers=gpu_layers, queue=queue, max_body=max_body,
+                            api_key=api_key, cors=cors)
 
         def ready(url: str) -> None:
             b = server.default_key.budget
             print(f"localkv serve: {url} (model {server.model_id}, policy {policy}"
-                  + (f", budget {b}" if b is not None else "") + f", {pool} conversation caches); Ctrl-C stops",
-                  flush=True)
+                  + (f", budget {b}" if b is not None else "") + f", {pool} conversation caches"
+                  + (", API key required" if api_key else "") + "); Ctrl-C stops", flush=True)
         srv.run(server, host, port, ready, verbose=_VERBOSE)
     run_guarded(body)
 

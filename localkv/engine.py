@@ -563,7 +563,8 @@ class Engine:
                  answer_prefix: str = "", split_before: str | None = None,
                  on_text: Callable[[str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 on_progress: Callable[[int, int], None] | None = None,
+                 top_p: float | None = None) -> GenerationResult:
         """Generate a reply. `prompt` is wrapped in the chat template unless chat=False.
 
         With keep_history the cache is not emptied first: `messages` continues
@@ -575,7 +576,7 @@ class Engine:
         should_stop is asked between prompt chunks (Interrupted is raised, the
         prompt rolled back) and between decoded tokens (the reply ends there,
         stop_reason "interrupted"; rollback_turn() forgets it). on_progress(read,
-        total) is called after each prompt chunk.
+        total) is called after each prompt chunk. top_p: the sampler's nucleus (None: its default).
         """
         if max_tokens < 0:
             raise LocalkvError(f"max tokens must be >= 0, got {max_tokens}")
@@ -601,7 +602,7 @@ class Engine:
             self._prefill = None
         t_prefill = time.perf_counter() - t0
         reply = sample_reply(self, max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos,
-                             on_text=on_text, should_stop=should_stop)
+                             on_text=on_text, should_stop=should_stop, top_p=top_p)
         self.conversation.history_text = text + reply.text if answer_prefix == "" and reply.in_cache else ""
         return self._result(reply, n_prompt, t0, t_prefill, before)
 

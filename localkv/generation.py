@@ -63,10 +63,12 @@ class Reply:
 
 
 def sample_reply(engine, *, max_tokens: int, temperature: float, seed: int | None, ignore_eos: bool,
-                 on_text: Callable[[str], None] | None, should_stop: Callable[[], bool] | None) -> Reply:
+                 on_text: Callable[[str], None] | None, should_stop: Callable[[], bool] | None,
+                 top_p: float | None = None) -> Reply:
     """Sample after what `engine` was fed, decoding each token (engine.step) until the end of the turn,
     `max_tokens` or `should_stop`; `on_text` receives the text as it comes, whole UTF-8 characters only."""
-    sampler = Sampler(temperature, seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    sampler = Sampler(temperature, seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
+                      **({} if top_p is None else {"top_p": top_p}))
     out = Utf8Stream()
     pieces: list[str] = []
 

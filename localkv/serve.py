@@ -4,14 +4,22 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
 Endpoints: GET /v1/models, POST /v1/chat/completions and /v1/completions
-(streamed as server-sent events or not), GET /v1/localkv/stats.
+(streamed as server-sent events or not), GET /v1/localkv/stats, GET /health.
 
 A chat client resends the whole conversation every turn. The server keeps a
 small pool of engines (LRU), each holding one conversation's cache: a request
 whose rendered prompt extends what an engine already holds feeds only the new
 part, so the compressed cache carries the conversation. One worker thread runs
-every request of the model, in arrival order; a client that goes away stops its
-generation at the next token.
+every request of the model, in arrival order, from a bounded queue (--queue; a
+full queue is a 503 with Retry-After).
+
+Everything a request can get wrong is refused before it reaches the worker, as
+an OpenAI-style 4xx: the body (size, JSON, fields), policy arguments (each has a
+declared type and range: localkv.policies), anything that would name a file on
+the server or need a calibration, and the context (the prompt is tokenized in
+the HTTP thread pool, on the loaded model). A streamed reply opens (its role
+chunk) as soon as the request is queued; a client that goes away stops its
+prompt at the next chunk and its generation at the next token.
 
 HTTP comes from Starlette, uvicorn and sse-starlette (the `serve` extra); the
 request and cache logic below do not depend on them.
@@ -21,26 +29,35 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import hmac
 import json
+import logging
+import math
 import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from . import policies
-from .errors import LocalkvError
+from .errors import Interrupted, LocalkvError
 
 EXTRA_MODULES = ("starlette", "uvicorn", "sse_starlette")
 DEFAULT_POOL = 4
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_TEMPERATURE = 0.7
+DEFAULT_QUEUE = 16                  # requests waiting for the worker beyond the one it runs
+DEFAULT_MAX_BODY = 4 << 20          # bytes of a request body
 MAX_STOP = 16
+MAX_STOP_CHARS = 256                # a stop sequence is matched at every token: a long one costs every token
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 LOCALKV_KEYS = {"policy", "budget", "policy_args", "prefill_budget", "ignore_eos"}
+PUBLIC_PATHS = {"/health"}          # answered without the API key
+
+log = logging.getLogger("localkv.serve")
 
 
 def require_extra() -> None:
@@ -54,11 +71,12 @@ def require_extra() -> None:
 
 
 class RequestError(Exception):
-    """A request the server refuses: an OpenAI-style error with an HTTP status."""
+    """A request the server refuses: an OpenAI-style error with an HTTP status (and headers, e.g. Retry-After)."""
 
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.code, self.param = status, code, param
+        self.status, self.code, self.param, self.headers = status, code, param, headers
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -94,6 +112,20 @@ class GenRequest:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    top_p: float | None = None         # None: the sampler's default
+    max_tokens_param: str | None = None  # the field that set max_tokens (None: the server's default)
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """The calibrated profiles a request's policy may use: this model's, found in the profile cache (the user's
+    calibrations, then the shipped ones). A request never names a profile file and never starts a calibration."""
+    sha256: str
+    model: str            # what `localkv calibrate --model` takes for this model
+
+    def have(self, kind: str) -> bool:
+        from .profiles import find_profile
+        return find_profile(self.sha256, kind) is not None
 
 
 def _int(body: dict, name: str, lo: int, hi: int | None = None, where: str = "") -> int | None:
@@ -102,15 +134,46 @@ def _int(body: dict, name: str, lo: int, hi: int | None = None, where: str = "")
         return None
     label = f"{where}{name}"
     if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(f"'{label}' must be an integer, got {json.dumps(v)}", param=label)
+        raise RequestError(f"'{label}' must be an integer, got {_show(v)}", param=label)
     if v < lo or (hi is not None and v > hi):
         raise RequestError(f"'{label}' must be between {lo} and {hi}, got {v}" if hi is not None
                            else f"'{label}' must be at least {lo}, got {v}", param=label)
     return v
 
 
-def cache_key(extra: Any, default: CacheKey) -> tuple[CacheKey, bool]:
-    """The request's `localkv` object over the server's defaults -> (key, ignore_eos); checked against the policy."""
+def _show(v: Any) -> str:
+    """A request value in a one-line message, shortened."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _arg_text(v: Any) -> str:
+    """A JSON policy argument as the command line would write it (2.0 for an int argument is 2)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 53:
+        return str(int(v))
+    return str(v)
+
+
+def _file_arguments(policy) -> set[str]:
+    """The arguments of a policy (and of the policy POD composes with) that name a file."""
+    names = set(policy.file_arguments)
+    inner = getattr(policy, "evict", None)
+    if inner is not None:
+        names |= set(inner.file_arguments)
+    return names
+
+
+def cache_key(extra: Any, default: CacheKey, profiles: Profiles | None = None) -> tuple[CacheKey, bool]:
+    """The request's `localkv` object over the server's defaults -> (key, ignore_eos); checked against the policy.
+
+    Every argument is checked by the policy's own declared ranges (the CLI's and the API's check); an argument
+    that names a file is refused (profiles come from the server's flags and its profile cache), and so is a
+    policy whose calibrated profile the model lacks (when `profiles` is given): no request ever calibrates."""
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
@@ -124,16 +187,33 @@ def cache_key(extra: Any, default: CacheKey) -> tuple[CacheKey, bool]:
         raise RequestError("'localkv.policy' must be a string", param="localkv.policy")
     same = name == default.policy
     raw_args = extra.get("policy_args")
+    asked: set[str] = set()
     if raw_args is None:
         args = dict(default.policy_args) if same else {}
     elif isinstance(raw_args, dict) and all(isinstance(v, (str, int, float, bool)) for v in raw_args.values()):
-        args = {str(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in raw_args.items()}
+        args = {str(k): _arg_text(v) for k, v in raw_args.items()}
+        asked = set(args)
     else:
-        raise RequestError("'localkv.policy_args' must be an object of names to values", param="localkv.policy_args")
+        raise RequestError("'localkv.policy_args' must be an object of names to values (strings, numbers, "
+                           "booleans)", param="localkv.policy_args")
     try:
         policy = policies.create(name, args)
+    except policies.PolicyArgError as e:
+        raise RequestError(str(e), param=f"localkv.policy_args.{e.arg}") from None
     except LocalkvError as e:
-        raise RequestError(str(e), param="localkv.policy") from None
+        raise RequestError(str(e), param="localkv.policy_args" if name in policies.available() or
+                           name.startswith("pod+") and name[4:] in policies.available() else "localkv.policy") from None
+    files = _file_arguments(policy)
+    named = sorted(asked & files)
+    if named:
+        raise RequestError(f"'localkv.policy_args.{named[0]}' names a file on the server, which a request may not do: "
+                           f"{name}'s profile comes from the server's own --policy-arg or its profile cache "
+                           "(`localkv calibrate`)", param=f"localkv.policy_args.{named[0]}")
+    if asked and same:  # the server's own file arguments still apply to the same policy
+        inherited = {k: v for k, v in default.policy_args if k in files and k not in args}
+        if inherited:
+            args.update(inherited)
+            policy = policies.create(name, args)
     budget = _int(extra, "budget", 1, where="localkv.")
     prefill = _int(extra, "prefill_budget", 0, where="localkv.")
     if policy.compresses:
@@ -144,6 +224,8 @@ def cache_key(extra: Any, default: CacheKey) -> tuple[CacheKey, bool]:
                                param="localkv.budget")
         try:
             policy.validate(budget)
+        except policies.PolicyArgError as e:
+            raise RequestError(str(e), param=f"localkv.policy_args.{e.arg}") from None
         except LocalkvError as e:
             raise RequestError(str(e), param="localkv.budget") from None
         if prefill is None:
@@ -151,6 +233,13 @@ def cache_key(extra: Any, default: CacheKey) -> tuple[CacheKey, bool]:
         if prefill is not None and prefill != 0 and prefill < budget:
             raise RequestError(f"'localkv.prefill_budget' {prefill} is smaller than the budget {budget}",
                                param="localkv.prefill_budget")
+        if profiles is not None:
+            for kind in sorted(policy.profile_kinds()):
+                if not profiles.have(kind):
+                    raise RequestError(
+                        f"policy {name} needs this model's calibrated {kind} profile, which the server does not have "
+                        f"(a request never calibrates): run `localkv calibrate --policy {kind} --model "
+                        f"{profiles.model}` on the server, then retry", code="profile_missing", param="localkv.policy")
     else:
         if budget is not None:
             raise RequestError(f"policy {name} keeps everything: a budget needs a compressing policy",
@@ -162,29 +251,88 @@ def cache_key(extra: Any, default: CacheKey) -> tuple[CacheKey, bool]:
     return CacheKey(name, budget, tuple(sorted(args.items())), prefill), ignore_eos
 
 
+def _text(s: str, param: str) -> str:
+    """A string the model can read: UTF-8 encodable (JSON may carry lone surrogates)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"'{param}' is not valid Unicode (a lone surrogate)", param=param) from None
+    return s
+
+
 def _content(m: dict, i: int) -> str:
     c = m.get("content")
     if c is None:
         return ""
     if isinstance(c, str):
-        return c
+        return _text(c, f"messages[{i}].content")
     if isinstance(c, list):
         parts = []
         for p in c:
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
                 raise RequestError(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
-            parts.append(p["text"])
+            parts.append(_text(p["text"], f"messages[{i}].content"))
         return "".join(parts)
     raise RequestError(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}]")
 
 
-def parse_request(body: Any, kind: str, default: CacheKey, model_id: str, default_max_tokens: int) -> GenRequest:
-    """Check an OpenAI request body; RequestError (4xx) for anything malformed."""
+def _off(*values):
+    """A field's test: absent (None) or one of the values that ask for nothing (False is not 0 here)."""
+    return lambda v: v is None or any(type(v) is type(o) and v == o or
+                                      isinstance(o, float) and type(v) is int and v == o for o in values)
+
+
+# OpenAI fields this server does not implement: a request that asks for one gets a 400 saying so, instead of a
+# reply that silently ignored it. (field -> (the values that ask for nothing, what it is))
+_SHARED_UNSUPPORTED = {
+    "frequency_penalty": (_off(0.0), "repetition penalties"),
+    "presence_penalty": (_off(0.0), "repetition penalties"),
+    "logit_bias": (_off({}), "logit_bias"),
+}
+UNSUPPORTED = {
+    "chat": {
+        **_SHARED_UNSUPPORTED,
+        "tools": (_off([]), "tool calling"),
+        "tool_choice": (_off("none", "auto"), "tool calling"),
+        "functions": (_off([]), "function calling"),
+        "function_call": (_off("none", "auto"), "function calling"),
+        "response_format": (_off({"type": "text"}), "structured output (response_format)"),
+        "logprobs": (_off(False), "logprobs"),
+        "top_logprobs": (_off(0), "logprobs"),
+        "audio": (_off(), "audio output"),
+        "modalities": (_off(["text"]), "modalities other than text"),
+        "prediction": (_off(), "predicted outputs"),
+        "web_search_options": (_off(), "web search"),
+    },
+    "completion": {
+        **_SHARED_UNSUPPORTED,
+        "logprobs": (_off(), "logprobs"),
+        "echo": (_off(False), "echo"),
+        "best_of": (_off(1), "best_of"),
+        "suffix": (_off(""), "suffix (insertion)"),
+    },
+}
+
+
+def _refuse_unsupported(body: dict, kind: str) -> None:
+    for name, (off, what) in UNSUPPORTED[kind].items():
+        if name in body and not off(body[name]):
+            raise RequestError(f"'{name}' is not supported by this server ({what} is not implemented): "
+                               f"leave it out (got {_show(body[name])})", code="unsupported_parameter", param=name)
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise RequestError(f"only one choice per request is supported ('n' must be 1, got {_show(n)})", param="n",
+                           code="unsupported_parameter")
+
+
+def parse_request(body: Any, kind: str, default: CacheKey, model_id: str, default_max_tokens: int,
+                  profiles: Profiles | None = None) -> GenRequest:
+    """Check an OpenAI request body; RequestError (4xx) for anything malformed or not implemented here."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != model_id:
-        raise RequestError(f"the model '{model}' does not exist: this server serves '{model_id}'", status=404,
+        raise RequestError(f"the model {_show(model)} does not exist: this server serves '{model_id}'", status=404,
                            code="model_not_found", param="model")
     messages = prompt = None
     if kind == "chat":
@@ -193,9 +341,12 @@ def parse_request(body: Any, kind: str, default: CacheKey, model_id: str, defaul
             raise RequestError("'messages' must be a non-empty list of {role, content}", param="messages")
         messages = []
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES:
                 raise RequestError(f"messages[{i}] needs a role among {', '.join(sorted(ROLES))}",
                                    param=f"messages[{i}]")
+            if m.get("tool_calls"):
+                raise RequestError(f"messages[{i}] has tool_calls: tool calling is not implemented",
+                                   code="unsupported_parameter", param=f"messages[{i}].tool_calls")
             role = "system" if m["role"] == "developer" else m["role"]
             messages.append({"role": role, "content": _content(m, i)})
     else:
@@ -205,36 +356,53 @@ def parse_request(body: Any, kind: str, default: CacheKey, model_id: str, defaul
         if not isinstance(p, str) or not p:
             raise RequestError("'prompt' must be a non-empty string (token ids and several prompts are not supported)",
                                param="prompt")
-        prompt = p
-    if body.get("n", 1) != 1:
-        raise RequestError("only one choice per request is supported ('n' must be 1)", param="n")
+        prompt = _text(p, "prompt")
+    _refuse_unsupported(body, kind)
+    param = None
     max_tokens = _int(body, "max_completion_tokens", 1) if kind == "chat" else None
-    if max_tokens is None:
+    if max_tokens is not None:
+        param = "max_completion_tokens"
+    else:
         max_tokens = _int(body, "max_tokens", 1)
+        param = "max_tokens" if max_tokens is not None else None
     temperature = body.get("temperature")
     if temperature is None:
         temperature = DEFAULT_TEMPERATURE
     elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise RequestError(f"'temperature' must be a number from 0 to 2, got {json.dumps(temperature)}",
+        raise RequestError(f"'temperature' must be a number from 0 to 2, got {_show(temperature)}",
                            param="temperature")
+    top_p = body.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise RequestError(f"'top_p' must be a number above 0 and at most 1, got {_show(top_p)}", param="top_p")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"'seed' must be an integer, got {json.dumps(seed)}", param="seed")
+        raise RequestError(f"'seed' must be an integer, got {_show(seed)}", param="seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or \
+            not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise RequestError(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them, "
+                           f"each at most {MAX_STOP_CHARS} characters", param="stop")
+    stop = [_text(s, "stop") for s in stop]
     stream = body.get("stream", False)
+    if stream is None:
+        stream = False
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", param="stream")
-    opts = body.get("stream_options") or {}
-    include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-    key, ignore_eos = cache_key(body.get("localkv"), default)
+    opts = body.get("stream_options")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+        raise RequestError("'stream_options' must be an object like {\"include_usage\": true}",
+                           param="stream_options")
+    include_usage = stream and opts.get("include_usage", False)
+    key, ignore_eos = cache_key(body.get("localkv"), default, profiles)
     return GenRequest(kind, key, messages, prompt, max_tokens or default_max_tokens, float(temperature),
-                      seed, stop, stream, include_usage, ignore_eos)
+                      seed, stop, stream, include_usage, ignore_eos,
+                      top_p=None if top_p is None else float(top_p), max_tokens_param=param)
 
 
 class StopFilter:
@@ -344,14 +512,23 @@ class Pool:
 # ---------------------------------------------------------------- the worker
 
 
+@dataclass
+class Prepared:
+    """A request checked against the model before it is queued: its rendered prompt, and the reply length that fits."""
+    text: str
+    prompt_tokens: int
+    max_tokens: int
+
+
 class Job:
     """One request on its way through the worker; events go back to the event loop through a queue."""
 
-    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, prepared: Prepared | None = None):
         self.req = req
+        self.prepared = prepared
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # the client went away (or its stream ended)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -369,7 +546,9 @@ class Server:
                  policy_args: dict[str, str] | None = None, prefill_budget: int | None = None,
                  ctx: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
                  threads: int | None = None, pool_size: int = DEFAULT_POOL,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, verbose: bool = False, gpu_layers: int = -1):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, verbose: bool = False, gpu_layers: int = -1,
+                 queue: int = DEFAULT_QUEUE, max_body: int = DEFAULT_MAX_BODY, api_key: str | None = None,
+                 cors: list[str] | None = None):
         from . import models
         self.model_path = str(models.resolve(model))
         registry = {e["name"] for e in models.load_registry()}
@@ -377,27 +556,40 @@ class Server:
             self.model_id = models.default_model()
         else:  # a registry name, or the file's name without .gguf
             self.model_id = model if model in registry else Path(self.model_path).stem
+        self.model_arg = model or self.model_id  # what `localkv calibrate --model` takes
         self.engine_kw = dict(ctx=ctx, cache_type_k=cache_type_k, cache_type_v=cache_type_v, threads=threads,
                               verbose=verbose)
         if max_tokens < 1:
             raise LocalkvError(f"--max-tokens must be at least 1, got {max_tokens}")
         if gpu_layers < -1:
             raise LocalkvError(f"--gpu-layers must be -1 (all), 0 (none) or a layer count, got {gpu_layers}")
+        if queue < 1:
+            raise LocalkvError(f"--queue must be at least 1 (requests waiting for the worker), got {queue}")
+        if max_body < 1024:
+            raise LocalkvError(f"--max-body must be at least 1024 bytes, got {max_body}")
+        if api_key is not None and not api_key.strip():
+            raise LocalkvError("--api-key is empty")
         self.gpu_layers = gpu_layers
         self.max_tokens = max_tokens
+        self.queue_limit, self.max_body = queue, max_body
+        self.api_key = api_key
+        self.cors = list(cors or [])
         # checked when warm() creates its engine, with the command line's wording
         self.default_key = CacheKey(policy, budget, tuple(sorted((policy_args or {}).items())),
                                     prefill_budget if policies.create(policy, policy_args).compresses else None)
+        self.profiles: Profiles | None = None  # this model's profile cache (warm() hashes the model file once)
         self._model = None  # loaded by the worker with the first engine
+        self._model_users = 0  # HTTP threads tokenizing on it (close() waits for them)
         self.pool = Pool(self._make_engine, pool_size)
         self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="localkv-worker")
         self.closing = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._snapshot: list[dict] = []
         self._recent: deque[dict] = deque(maxlen=32)
-        self._served = 0
-        self._queued = 0
-        self._busy = False
+        self._waiting: dict[str, Job] = {}   # queued, not yet taken by the worker
+        self._current: dict | None = None    # what the worker runs now
+        self._counts: Counter = Counter()    # served, cancelled_*, refused_busy
+        self._seconds: deque[float] = deque(maxlen=16)  # recent service times (Retry-After)
         self.started = time.time()
 
     # -- engines (worker thread)
@@ -411,18 +603,27 @@ class Server:
         if self._model is None:  # one loaded model for every cache of the pool (each is only a context)
             init_backend(self.engine_kw["verbose"])
             self._model = Model(self.model_path, n_gpu_layers=self.gpu_layers)
-        from .chat import conversation_policy_args
         return Engine(self.model_path, policy=key.policy, budget=key.budget, shared_model=self._model,
-                      policy_args=conversation_policy_args(key.policy, dict(key.policy_args)), **kw)
+                      policy_args=self._engine_args(key), calibrate=False, **kw)
+
+    @staticmethod
+    def _engine_args(key: CacheKey) -> dict[str, str]:
+        from .chat import conversation_policy_args
+        return conversation_policy_args(key.policy, dict(key.policy_args))
 
     def _close_all(self) -> None:
         self.pool.close()
-        if self._model is not None:
-            self._model.close()
-            self._model = None
+        with self._lock:  # requests being tokenized finish first (they hold the model)
+            self._lock.wait_for(lambda: self._model_users == 0, timeout=30)
+            model, self._model = self._model, None
+        if model is not None:
+            model.close()
 
     def warm(self) -> None:
         """Load the default engine before serving, so a bad model or policy fails at startup."""
+        from .models import file_sha256
+        self.profiles = Profiles(file_sha256(self.model_path), self.model_arg)
+
         def load():
             self.pool.acquire(self.default_key, "")
             self._take_snapshot()
@@ -447,36 +648,118 @@ class Server:
         with self._lock:
             self._snapshot = rows
 
+    def _queue_depth(self) -> int:
+        """Requests waiting for the worker whose client is still there (caller holds the lock)."""
+        return sum(1 for j in self._waiting.values() if not j.cancelled.is_set())
+
+    def health(self) -> dict:
+        with self._lock:
+            return {"status": "ok", "queue": self._queue_depth(), "busy": self._current is not None}
+
     def stats(self) -> dict:
         with self._lock:
             rows = list(self._snapshot)
             recent = list(self._recent)
-            served, queued, busy = self._served, self._queued, self._busy
+            counts = dict(self._counts)
+            queued, current = self._queue_depth(), dict(self._current) if self._current else None
         return {"model": self.model_id, "model_path": self.model_path, "pool_size": self.pool.size,
                 "defaults": self.default_key.describe(), "conversations": rows,
                 "kv_bytes_allocated": sum(r["kv_bytes_allocated"] for r in rows),
-                "requests_served": served, "requests_queued": queued, "busy": busy, "recent": recent,
+                "requests_served": counts.get("served", 0), "requests_queued": queued,
+                "queue": {"depth": queued, "limit": self.queue_limit,
+                          "refused_busy": counts.get("refused_busy", 0)},
+                "cancelled": {k: counts.get(f"cancelled_{k}", 0) for k in ("queued", "prefill", "decode")},
+                "busy": current is not None, "current": current, "recent": recent,
                 "uptime_s": round(time.time() - self.started, 1)}
 
-    def submit(self, job: Job) -> concurrent.futures.Future:
+    # -- before the queue (HTTP threads)
+
+    def prepare(self, req: GenRequest) -> Prepared:
+        """Render and tokenize the prompt on the loaded model and check it against the context: every refusal
+        here is a 4xx before anything is queued (and before a stream opens). Read-only on the model (llama.cpp's
+        tokenizer and template), so it runs in the HTTP thread pool while the worker decodes."""
+        from .cache import plan_cache
+        from .engine import DEFAULT_CHUNK
+        chat = req.kind == "chat"
         with self._lock:
-            self._queued += 1
+            if self._model is None or self.closing.is_set():
+                raise RequestError("the server is shutting down", 503)
+            model = self._model
+            self._model_users += 1
+        try:
+            text = model.chat_prompt(req.messages) if chat else req.prompt
+            prompt_tokens = len(model.tokenize(text, add_special=not chat, parse_special=True))
+            shape = model.shape
+        finally:
+            with self._lock:
+                self._model_users -= 1
+                self._lock.notify_all()
+        key = req.key
+        ctx = self.engine_kw["ctx"]
+        policy = policies.create(key.policy, self._engine_args(key))
+        try:
+            plan = plan_cache(policy, shape, budget=key.budget, prefill_budget=key.prefill_budget, ctx=ctx,
+                              chunk=DEFAULT_CHUNK, decode_interval=32)
+        except LocalkvError as e:
+            raise RequestError(str(e), param="localkv.prefill_budget" if "prefill" in str(e) else "localkv.budget") \
+                from None
+        n_ctx = plan.n_ctx  # a full cache's size; a compressed conversation's longest
+        if key.prefill_budget is not None and key.prefill_budget > n_ctx:
+            raise RequestError(f"'localkv.prefill_budget' {key.prefill_budget} is larger than the context "
+                               f"({n_ctx} tokens)", param="localkv.prefill_budget")
+        if req.max_tokens_param is not None and req.max_tokens > n_ctx:
+            raise RequestError(f"'{req.max_tokens_param}' {req.max_tokens} is more than the context holds ({n_ctx} "
+                               "tokens, the server's --ctx)", code="context_length_exceeded", param=req.max_tokens_param)
+        room = n_ctx - prompt_tokens
+        if room <= 0:
+            what = "a full cache holds" if not policy.compresses else "a conversation may reach"
+            raise RequestError(
+                f"the prompt has {prompt_tokens} tokens but {what} {n_ctx} (the server's --ctx): shorten it"
+                + (", or use a compressing policy ('localkv': {\"policy\": ..., \"budget\": ...})"
+                   if not policy.compresses else ""),
+                code="context_length_exceeded", param="messages" if chat else "prompt")
+        return Prepared(text, prompt_tokens, min(req.max_tokens, room))
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Queue a job for the worker; a full queue is a 503 with Retry-After."""
+        with self._lock:
+            depth = self._queue_depth()
+            if depth >= self.queue_limit:
+                self._counts["refused_busy"] += 1
+                mean = sum(self._seconds) / len(self._seconds) if self._seconds else 1.0
+                retry = max(1, min(60, math.ceil(mean * (depth + 1))))
+                raise RequestError(f"the server is busy: {depth} requests are waiting (--queue {self.queue_limit}); "
+                                   f"retry in {retry} s", 503, code="server_busy",
+                                   headers={"Retry-After": str(retry)})
+            self._waiting[job.id] = job
         return self.worker.submit(self._run, job)
 
+    # -- the worker thread
+
     def _run(self, job: Job) -> None:
-        with self._lock:
-            self._queued -= 1
-            self._busy = True
         t0 = time.perf_counter()
+        with self._lock:
+            self._waiting.pop(job.id, None)
+            self._current = {"id": job.id, "kind": job.req.kind, "phase": "prefill", "prompt_tokens_read": 0,
+                             "prompt_tokens": job.prepared.prompt_tokens if job.prepared else None}
         record = {"id": job.id, "kind": job.req.kind, "stream": job.req.stream, **job.req.key.describe()}
         try:
             if job.cancelled.is_set() or self.closing.is_set():
                 record["finish_reason"] = "cancelled"
+                record["cancelled"] = "queued"
                 job.emit(("error", RequestError("the client went away before its turn", 499)))
                 return
             done = self._generate(job)
             record.update(done["record"])
             job.emit(("done", done))
+        except Interrupted:  # the prompt was stopped between two chunks and rolled back
+            if job.cancelled.is_set() or not self.closing.is_set():
+                record["finish_reason"] = "cancelled"
+                record["cancelled"] = "prefill"
+                job.emit(("error", RequestError("the client went away while its prompt was read", 499)))
+            else:
+                record["error"] = "the server is shutting down"
+                job.emit(("error", RequestError("the server is shutting down", 503)))
         except RequestError as e:
             record["error"] = str(e)
             job.emit(("error", e))
@@ -492,40 +775,33 @@ class Server:
                 self._take_snapshot()
             finally:
                 with self._lock:
-                    self._busy = False
-                    self._served += 1
+                    self._current = None
+                    self._counts["served"] += 1
+                    if "cancelled" in record:
+                        self._counts[f"cancelled_{record['cancelled']}"] += 1
+                    else:
+                        self._seconds.append(record["seconds"])
                     self._recent.append(record)
 
+    def _progress(self, **fields) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current.update(fields)
+
     def _generate(self, job: Job) -> dict:
-        from .cache import context_limit, full_cache_ctx
         req = job.req
-        renderer = self.pool.any_engine(req.key) or self.pool.any_engine()
-        if renderer is None:
-            renderer = self.pool.acquire(req.key, "")[0].engine
+        prep = job.prepared if job.prepared is not None else self.prepare(req)
         chat = req.kind == "chat"
-        text = renderer.model.chat_prompt(req.messages) if chat else req.prompt
-        prompt_tokens = len(renderer.model.tokenize(text, add_special=not chat, parse_special=True))
-        max_tokens = req.max_tokens
-        limit = context_limit(self.engine_kw["ctx"], renderer.shape)
-        if req.key.prefill_budget is not None and req.key.prefill_budget > limit:
-            raise RequestError(f"'localkv.prefill_budget' {req.key.prefill_budget} is larger than the context "
-                               f"({limit} tokens)", param="localkv.prefill_budget")
-        if not policies.create(req.key.policy, dict(req.key.policy_args)).compresses:
-            # checked before a cache is taken for it: a refused request evicts no conversation
-            n_ctx = full_cache_ctx(self.engine_kw["ctx"], renderer.shape)
-            room = n_ctx - prompt_tokens
-            if room <= 0:
-                raise RequestError(
-                    f"the prompt has {prompt_tokens} tokens but a full cache holds {n_ctx} (the server's --ctx): "
-                    "shorten it, or use a compressing policy ('localkv': {\"policy\": ..., \"budget\": ...})",
-                    code="context_length_exceeded", param="messages" if chat else "prompt")
-            max_tokens = min(max_tokens, room)
-        slot, reused = self.pool.acquire(req.key, text)
+        slot, reused = self.pool.acquire(req.key, prep.text)
         eng = slot.engine
         stops = StopFilter(req.stop)
         pieces: list[str] = []
+        decoding = []
 
         def on_text(s: str) -> None:
+            if not decoding:
+                decoding.append(True)
+                self._progress(phase="decode")
             out = stops.push(s)
             if out:
                 pieces.append(out)
@@ -535,11 +811,17 @@ class Server:
         def should_stop() -> bool:
             return stops.hit or job.cancelled.is_set() or self.closing.is_set()
 
+        def on_progress(read: int, total: int) -> None:
+            self._progress(prompt_tokens_read=read)
+
+        kw = {} if req.top_p is None else {"top_p": req.top_p}
         try:
             res = eng.generate(prompt=None if chat else req.prompt, messages=req.messages if chat else None,
-                               max_tokens=max_tokens, temperature=req.temperature, seed=req.seed,
+                               max_tokens=prep.max_tokens, temperature=req.temperature, seed=req.seed,
                                ignore_eos=req.ignore_eos, chat=chat, keep_history=True, on_text=on_text,
-                               should_stop=should_stop)
+                               should_stop=should_stop, on_progress=on_progress, **kw)
+        except Interrupted:
+            raise  # the engine rolled the prompt back: the conversation it held is intact
         except BaseException:
             eng.reset()  # a half-fed prompt must not be taken for the conversation next time
             raise
@@ -550,18 +832,23 @@ class Server:
             pieces.append(tail)
             if req.stream:
                 job.emit(("text", tail))
-        if res.stop_reason == "interrupted" and self.closing.is_set() and not stops.hit:
-            raise RequestError("the server is shutting down", 503)
-        if stops.hit or res.stop_reason == "eos":
-            finish = "stop"
-        elif res.stop_reason == "interrupted":
-            finish = "cancelled"
+        record = {"prompt_tokens": prep.prompt_tokens, "prompt_tokens_fed": res.prompt_tokens, "cache_reused": reused,
+                  "completion_tokens": res.generated_tokens}
+        if res.stop_reason == "interrupted" and not stops.hit:
+            if job.cancelled.is_set() or not self.closing.is_set():
+                # the client went away: nobody reads the reply (a stream's own end also lands here)
+                finish = "stop"
+                record.update(finish_reason="cancelled", cancelled="decode")
+            else:
+                raise RequestError("the server is shutting down", 503)
         else:
-            finish = "length"
+            # OpenAI's reasons: "stop" (end of turn or a stop sequence), "length" (max_tokens or the context)
+            finish = "stop" if stops.hit or res.stop_reason == "eos" else "length"
+            record["finish_reason"] = finish
         pool_bytes = sum(s.engine.kv_bytes_allocated() for s in self.pool.slots)
         usage = {
-            "prompt_tokens": prompt_tokens, "completion_tokens": res.generated_tokens,
-            "total_tokens": prompt_tokens + res.generated_tokens,
+            "prompt_tokens": prep.prompt_tokens, "completion_tokens": res.generated_tokens,
+            "total_tokens": prep.prompt_tokens + res.generated_tokens,
             "localkv": {
                 "prompt_tokens_fed": res.prompt_tokens, "cache_reused": reused, "policy": res.policy,
                 "budget": res.budget, "conversation_tokens": eng.n_past, "kv_tokens_kept": res.kv_tokens_kept,
@@ -569,8 +856,6 @@ class Server:
                 "kv_bytes_pool": pool_bytes, "prefill_tokens_per_s": round(res.prefill_tokens_per_s, 1),
                 "decode_tokens_per_s": round(res.decode_tokens_per_s, 1)},
         }
-        record = {"prompt_tokens": prompt_tokens, "prompt_tokens_fed": res.prompt_tokens, "cache_reused": reused,
-                  "completion_tokens": res.generated_tokens, "finish_reason": finish}
         return {"text": "".join(pieces), "finish_reason": finish, "usage": usage, "record": record}
 
 
@@ -579,11 +864,30 @@ class Server:
 
 def _error_response(e: RequestError):
     from starlette.responses import JSONResponse
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes: 413 as soon as it is known to be larger (its declared length,
+    else what has arrived)."""
+    declared = request.headers.get("content-length")
+    too_large = f"the request body is larger than the server takes ({limit} bytes, --max-body)"
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("the Content-Length header is not a number")
+        if int(declared) > limit:
+            raise RequestError(too_large, 413, code="request_too_large")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise RequestError(too_large, 413, code="request_too_large")
+    return bytes(buf)
 
 
 async def _wait(request, job: Job):
-    """The job's next event; cancels the job if the client disconnects while it waits."""
+    """The job's next event; cancels the job if the client disconnects while it waits (in the queue, while its
+    prompt is read, or while it is generated)."""
     getter = asyncio.ensure_future(job.events.get())
     try:
         while True:
@@ -629,13 +933,40 @@ def _final(job: Job, model_id: str, done: dict) -> dict:
             "usage": done["usage"]}
 
 
+class BearerAuth:
+    """ASGI middleware: every path but PUBLIC_PATHS needs `Authorization: Bearer <key>` (llama-server's
+    --api-key); anything else is OpenAI's 401."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = b""
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    given = value
+                    break
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                e = RequestError("invalid or missing API key: send 'Authorization: Bearer <key>' with the key the "
+                                 "server was started with (--api-key)", 401, code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await _error_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: Server):
     """The Starlette application over `server`."""
     require_extra()
     from sse_starlette.sse import EventSourceResponse
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     def guarded(fn):
@@ -644,6 +975,13 @@ def create_app(server: Server):
                 return await fn(request)
             except RequestError as e:
                 return _error_response(e)
+            except ClientDisconnect:  # gone while its body was read: nobody to answer
+                return Response(status_code=499)
+            except LocalkvError as e:  # a check below the request's own (policy, cache plan)
+                return _error_response(RequestError(str(e)))
+            except Exception as e:  # a bug: this request fails, the server stays up
+                log.exception("internal error on %s %s", request.method, request.url.path)
+                return _error_response(RequestError(f"internal error: {type(e).__name__}: {e}", 500))
         return endpoint
 
     async def list_models(request):
@@ -660,52 +998,56 @@ def create_app(server: Server):
         return JSONResponse(server.stats())
 
     async def health(request):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(server.health())
 
     def generation(kind: str):
         async def handle(request):
-            raw = await request.body()
+            raw = await _read_body(request, server.max_body)
             try:
                 body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise RequestError(f"the request body is not valid JSON ({e})") from None
-            req = parse_request(body, kind, server.default_key, server.model_id, server.max_tokens)
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise RequestError(f"the request body is not valid JSON ({str(e)[:100]})") from None
+            req = parse_request(body, kind, server.default_key, server.model_id, server.max_tokens,
+                                profiles=server.profiles)
             if server.closing.is_set():
                 raise RequestError("the server is shutting down", 503)
-            job = Job(req, asyncio.get_running_loop())
+            prepared = await asyncio.to_thread(server.prepare, req)
+            job = Job(req, asyncio.get_running_loop(), prepared)
             server.submit(job)
-            first = await _wait(request, job)
-            if first is None:  # the client left while waiting
-                return JSONResponse({}, status_code=499)
-            if first[0] == "error":
-                raise first[1]
             if not req.stream:
-                return JSONResponse(_final(job, server.model_id, first[1]))
+                event = await _wait(request, job)
+                if event is None:  # the client left
+                    return Response(status_code=499)
+                if event[0] == "error":
+                    raise event[1]
+                return JSONResponse(_final(job, server.model_id, event[1]))
 
             async def events():
-                event = first
+                # the stream opens at once (the role chunk) while the request waits and its prompt is read;
+                # sse-starlette notices a client that goes away and closes this generator: the job stops
                 try:
                     yield {"data": json.dumps(_chunk(job, server.model_id, None, None, role=True))}
                     while True:
+                        event = await job.events.get()
                         if event[0] == "text":
                             yield {"data": json.dumps(_chunk(job, server.model_id, event[1], None))}
                         elif event[0] == "done":
                             done = event[1]
                             yield {"data": json.dumps(_chunk(job, server.model_id, None if kind == "chat" else "",
-                                                             done["finish_reason"], usage=done["usage"]))}
-                            if req.include_usage:
+                                                             done["finish_reason"]))}
+                            if req.include_usage:  # one last chunk, no choices, the usage (OpenAI's)
                                 yield {"data": json.dumps(_chunk(job, server.model_id, None, None, empty=True,
                                                                  usage=done["usage"]))}
                             yield {"data": "[DONE]"}
                             return
-                        else:  # an error after tokens went out: an error event, as OpenAI's stream does
+                        else:  # an error after the stream opened: an error event, as OpenAI's stream does
                             yield {"data": json.dumps(event[1].body())}
                             return
-                        event = await job.events.get()
                 finally:
-                    job.cancelled.set()  # no-op when finished; stops the generation when the client went away
+                    job.cancelled.set()  # no-op when finished; stops the job when the client went away
 
-            return EventSourceResponse(events(), ping=15)
+            return EventSourceResponse(events(), ping=15, headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
         return handle
 
     async def not_found(request, exc):
@@ -723,7 +1065,13 @@ def create_app(server: Server):
         Route("/v1/localkv/stats", guarded(stats), methods=["GET"]),
         Route("/health", guarded(health), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    middleware = []
+    if server.cors:  # outermost: a preflight is answered before the key is asked for, and errors carry the headers
+        middleware.append(Middleware(CORSMiddleware, allow_origins=server.cors, allow_methods=["GET", "POST"],
+                                     allow_headers=["*"], expose_headers=["Retry-After"], max_age=600))
+    if server.api_key is not None:
+        middleware.append(Middleware(BearerAuth, key=server.api_key))
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: not_found})
 
 
 def bind(host: str, port: int) -> socket.socket:
