@@ -1,0 +1,152 @@
+"""The compressed cache on every common attention shape, with small random-weight GGUFs written at test time.
+
+localkv.synthetic writes each model (a few MB) in the shape of a real one: Llama 3 and Mistral (32 query / 8 KV
+heads, head dim 128), Qwen2 (14 / 2, biases), Qwen3 (8 KV heads, dim 128, QK-norm), Phi-3 (as many KV heads as
+query heads, dim 96, fused qkv). For each: before any eviction the logits are the plain cache's bit for bit and
+greedy output equals the full cache's; allocated bytes are the slots' bytes; the tokens SnapKV keeps are those a
+NumPy reference picks from the Q and K dumped from the same pass, per KV head, and so are AdaKV-style ragged
+counts. Shapes the cache cannot take are refused in one line.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_engine, raw_decode
+from graph_dump import GraphDump
+from localkv import capi
+from localkv.policies.base import max_pool
+from localkv.synthetic import SHAPES, write_random_model
+from test_surfacelogickv import ref_adaptive
+
+pytestmark = pytest.mark.model
+
+COMPRESSED = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+TEXT = ("Ships left the harbour at dawn; the keeper logged each one by name. By noon the wind turned, "
+        "and nine boats came back to shelter behind the old stone pier before the storm.")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = str(write_random_model(tmp_path_factory.mktemp("models") / f"{name}.gguf", name))
+        return made[name]
+    return get
+
+
+def _logits(eng):
+    return np.ctypeslib.as_array(capi.llama_cpp.llama_get_logits(eng.ctx), shape=(eng.shape.n_vocab,)).copy()
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_before_any_eviction_the_logits_and_replies_are_upstreams(model_file, name):
+    path = model_file(name)
+    logits, texts = [], []
+    for kw in ({}, {"policy": "snapkv", "budget": 512}):
+        with make_engine(path, chunk=256, ctx=1024, flash_attn=True, **kw) as eng:
+            tokens = eng.model.tokenize(TEXT)
+            raw_decode(eng, tokens[:64])
+            raw_decode(eng, tokens[64:], logits=True)
+            logits.append(_logits(eng))
+            eng.reset()
+            texts.append(eng.generate(TEXT, max_tokens=24, temperature=0, chat=False, ignore_eos=True).text)
+    assert np.array_equal(logits[0], logits[1])
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_allocated_bytes_are_the_slots_bytes(model_file, name):
+    s = SHAPES[name]
+    with make_engine(model_file(name), policy="pyramidkv", budget=64, chunk=64, prefill_budget=0) as eng:
+        eng.feed(eng.model.tokenize(TEXT))
+        _cap, alloc, used = capi.cache_state(eng.ctx)
+        assert len(alloc) == s.n_layer * s.n_head_kv
+        per_slot = s.head_dim * 2 * 2  # K and V rows of one head, f16
+        assert capi.memory_bytes(eng.ctx) == int(alloc.sum()) * per_slot
+        assert used.tolist() == [min(c, eng.n_past) for c in eng.head_capacities]
+        assert sum(eng.capacities) == 64 * s.n_layer
+
+
+# llama.cpp's Phi-3 graph scales Q by 1/sqrt(head_dim) before attention (its last "Qcur") and attends with scale 1
+Q_PRESCALED = {"phi3"}
+
+
+def _snapkv_scores(q, k, group, n, scale, window=32, kernel=7):
+    """SnapKV from the paper: softmax attention of the last `window` queries (causal), summed over the queries and
+    the KV group's query heads, max-pooled; the window itself is always kept. q [n, H, d], k [n, Hkv, d]."""
+    n_head_kv = k.shape[1]
+    att = np.zeros((q.shape[1], n))
+    for i in range(n - window, n):
+        for h in range(q.shape[1]):
+            x = k[:i + 1, h // group] @ q[i, h] * scale
+            e = np.exp(x - x.max())
+            att[h, :i + 1] += e / e.sum()
+    score = max_pool(att.reshape(n_head_kv, group, n).sum(1), kernel)
+    return np.where(np.arange(n) >= n - window, np.inf, score)
+
+
+@pytest.mark.parametrize("name,adaptive", [(n, False) for n in COMPRESSED] + [("llama", True), ("qwen3", True)])
+def test_kept_tokens_are_the_numpy_references(model_file, name, adaptive):
+    s = SHAPES[name]
+    group = s.n_head // s.n_head_kv
+    layers = (0, s.n_layer - 1)
+    dump = GraphDump({f"{t}cur-{il}" for t in "QK" for il in layers}, head_dim=s.head_dim)
+    chosen = {}
+    budget = 48
+    args = {"whole_words": "false", "adaptive": str(adaptive).lower()}
+    with make_engine(model_file(name), policy="snapkv", budget=budget, chunk=256, eval_callback=dump.callback,
+                     policy_args=args) as eng:
+        orig_keep = capi.keep
+
+        def record(ctx, i, slots):
+            chosen.setdefault(i, [np.asarray(x) for x in slots])
+            orig_keep(ctx, i, slots)
+        capi.keep = record
+        try:
+            tokens = eng.model.tokenize(TEXT)
+            assert budget < len(tokens) <= 256
+            eng.feed(tokens)  # one chunk, then the compression
+            dump.end_pass()
+        finally:
+            capi.keep = orig_keep
+        n = len(tokens)
+        for il in layers:
+            q = dump.tensors[f"Qcur-{il}"][0].astype(np.float64)
+            k = dump.tensors[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)  # the cache holds f16 keys
+            assert q.shape == (n, s.n_head, s.head_dim) and k.shape == (n, s.n_head_kv, s.head_dim)
+            scores = _snapkv_scores(q, k, group, n, 1.0 if name in Q_PRESCALED else 1 / np.sqrt(s.head_dim))
+            counts = [budget] * s.n_head_kv
+            if adaptive:
+                counts = ref_adaptive(scores, [n] * s.n_head_kv, counts, eng.policy.adaptive_floor)
+                got_counts = [len(chosen[il][h]) for h in range(s.n_head_kv)]
+                assert sum(got_counts) == budget * s.n_head_kv
+                assert max(abs(a - b) for a, b in zip(got_counts, counts)) <= 1  # fp noise at the cut
+                counts = got_counts
+            for h in range(s.n_head_kv):
+                got = chosen[il][h]
+                want = np.sort(np.argsort(-scores[h], kind="stable")[:counts[h]])
+                if not np.array_equal(got, want):  # ties aside: a swapped slot scores as the cut (fp noise)
+                    kth = np.sort(scores[h])[::-1][counts[h] - 1]
+                    for x in set(got.tolist()) ^ set(want.tolist()):
+                        assert abs(scores[h][x] - kth) <= 1e-3 * abs(kth) + 1e-6, f"layer {il} head {h} slot {x}"
+        # and the cache holds exactly those slots' positions, per head
+        for i, il in enumerate(range(s.n_layer)):
+            pos = capi.positions(eng.ctx, i, used=capi.head_state(eng.ctx, i)[2])
+            for h in range(s.n_head_kv):
+                held = pos[h][pos[h] >= 0]
+                assert np.array_equal(np.sort(held), np.sort(chosen[i][h]))  # one chunk: slot = position
+
+
+@pytest.mark.parametrize("name,why", [("qwen2vl", "multi-position RoPE"), ("gemma3", "cannot compress")])
+def test_unsupported_shapes_are_refused_in_one_line(model_file, name, why):
+    p = subprocess.run([sys.executable, "-m", "localkv.cli", "generate", "hi", "--model", model_file(name),
+                        "--policy", "snapkv", "--budget", "64"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, COLUMNS="300"))
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and why in lines[0], p.stderr
