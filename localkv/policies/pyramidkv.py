@@ -1,5 +1,6 @@
 from dataclasses import dataclass
 
+from ..errors import LocalkvError
 from .base import Range
 from .snapkv import SnapKV
 
@@ -28,6 +29,9 @@ class PyramidKV(SnapKV):
     def capacities(self, budget, n_layers):
         if n_layers == 1:
             return [budget]
+        if budget < self.window + 1:
+            # what validate() refuses; checked here too, as the loop below could never settle the total
+            raise LocalkvError(f"budget {budget} leaves pyramidkv nothing beyond its window {self.window}")
         free = budget - self.window
         low = free / self.beta
         high = 2 * free - low
