@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -66,6 +66,9 @@ _SIGNATURES = {
     "llama_localkv_n_kv_layers": (c_int32, [c_void_p]),
     "llama_localkv_kv_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_int32), POINTER(c_size_t),
                                               POINTER(c_size_t)]),
+    "llama_localkv_n_windowed_layers": (c_int32, [c_void_p]),
+    "llama_localkv_windowed_layer_info": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_uint32),
+                                                    POINTER(c_size_t), POINTER(c_size_t)]),
     "llama_localkv_last_error": (c_char_p, []),
     "llama_localkv_enable": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
     "llama_localkv_resize": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), c_int32]),
@@ -141,6 +144,19 @@ def compute_bytes(ctx) -> int:
 def kv_layers(ctx) -> list[tuple[int, int, int]]:
     """(model layer, K bytes, V bytes) of every cached layer, as llama.cpp allocated them."""
     return [(il, kb, vb) for il, _h, kb, vb in _layer_info(ctx)]
+
+
+def windowed_layers(ctx) -> list[tuple[int, int, int, int]]:
+    """(model layer, cells, K bytes, V bytes) of a sliding-window model's windowed layers: those the compressed
+    cache keeps as upstream keeps them (with compression off: upstream's SWA cache); [] for other models."""
+    n = _check("n_windowed_layers", lib.llama_localkv_n_windowed_layers(ctx))
+    out = []
+    il, cells, kb, vb = c_int32(), c_uint32(), c_size_t(), c_size_t()
+    for i in range(n):
+        _check("windowed_layer_info", lib.llama_localkv_windowed_layer_info(
+            ctx, i, ctypes.byref(il), ctypes.byref(cells), ctypes.byref(kb), ctypes.byref(vb)))
+        out.append((il.value, cells.value, kb.value, vb.value))
+    return out
 
 
 def kv_heads(ctx) -> list[int]:

@@ -47,22 +47,9 @@ MAX_FILE_BYTES = 4 << 20  # /file: a text document, not a data dump
 
 
 def conversation_policy_args(policy: str, args: dict[str, str]) -> dict[str, str]:
-    """A conversation's earlier turns are compressed before the later questions exist: a policy that can
-    replay them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in
-    docs/results.md, "KVzip: a chat that remembers": SnapKV keeps no fact of an earlier turn at a third of the
-    conversation without it). Used by
-    `localkv chat` and by `localkv serve`, whose cached conversations are the same thing."""
-    from .policies import available
-    cls = available().get(policy)
-    if "replay" in getattr(cls, "__dataclass_fields__", {}) and "replay" not in args:
-        return {**args, "replay": "true"}
-    return args
-
-
-def chat_policy_args(policy: str, items: list[str] | None) -> list[str]:
-    """conversation_policy_args for NAME=VALUE items from the command line."""
-    from .policies import parse_args
-    return [f"{k}={v}" for k, v in conversation_policy_args(policy, parse_args(items)).items()]
+    """policies.conversation_args (kept for callers that build the arguments themselves)."""
+    from .policies import conversation_args
+    return conversation_args(policy, args)
 
 
 def state_dir() -> Path:

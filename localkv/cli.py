@@ -166,12 +166,12 @@ def chat(
 ):
     """Interactive chat with streaming replies (also reads turns from a pipe, one per line, or the lines between
     two \"\"\" lines). /help lists commands and keys."""
-    from .chat import ChatSession, chat_policy_args
+    from .chat import ChatSession
     from .progress import PrefillProgress
     run_guarded(lambda: ChatSession(
-        lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget),
-                             chat_policy_args(kw.get("policy", policy), policy_arg), ctx,
-                             cache_type_k, cache_type_v, threads, gpu_layers, **_prefill_kw(prefill_budget)),
+        lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
+                             cache_type_k, cache_type_v, threads, gpu_layers, conversation=True,
+                             **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
         policy=policy, budget=budget, out=out, err=err,
         progress=lambda eng: PrefillProgress.for_engine(eng, sys.stderr)).run())

@@ -120,13 +120,17 @@ class Engine:
                  cache_type_k: str = "f16", cache_type_v: str = "f16", chunk: int = DEFAULT_CHUNK,
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
                  verbose: bool = False, progress: bool | None = None, eval_callback=None,
-                 shared_model: Model | None = None, gpu_layers: int = -1, calibrate: bool = True):
+                 shared_model: Model | None = None, gpu_layers: int = -1, calibrate: bool = True,
+                 conversation: bool = False):
         """`shared_model`: a loaded Model to run on instead of loading `model` again (several contexts on one
         model, as the server's conversation pool does); the caller keeps it open and closes it.
         `gpu_layers`: layers offloaded to a GPU backend when one was built (llama.cpp's convention: -1 all,
         0 none); their K/V caches, compressed ones included, live on the GPU with them.
         `calibrate`: whether a policy whose profile this model lacks may calibrate it now (minutes); False
-        refuses in one line instead (the server: no request ever calibrates)."""
+        refuses in one line instead (the server: no request ever calibrates).
+        `conversation`: the engine holds a conversation (the chat, the server): earlier turns are compressed
+        before later questions exist, so a score-based policy also replays them (policies.conversation_args)
+        where the model allows a replay."""
         init_backend(verbose)
         self.calibrate = calibrate
         # a name (the CLI), or a Policy instance (the Python API: a subclass with its own per-head budgets)
@@ -136,16 +140,25 @@ class Engine:
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         _check_arguments(chunk, gpu_layers, ctx)
         self._load_model(model, shared_model, gpu_layers, progress)
+        if conversation and not isinstance(policy, policies.Policy) and not self.shape.n_swa:
+            self.policy = policies.create(policy, policies.conversation_args(policy, policy_args or {}))
+        self._check_windowed()
         self.plan: CachePlan = plan_cache(self.policy, self.shape, budget=budget, prefill_budget=prefill_budget,
                                           ctx=ctx, chunk=int(chunk), decode_interval=int(decode_interval))
         self.ctx = self._create_context(type_k, type_v, threads, flash_attn, eval_callback)
-        self.kv_layers = capi.kv_layers(self.ctx)  # (model layer, K bytes, V bytes) of each cached layer
+        # (model layer, cells, K bytes, V bytes) of a sliding-window model's windowed layers: upstream keeps them
+        self.windowed_layers = capi.windowed_layers(self.ctx)
+        windowed = {w[0] for w in self.windowed_layers}
+        # (model layer, K bytes, V bytes) of each full-attention cached layer: the ones a policy compresses
+        self.kv_layers = [x for x in capi.kv_layers(self.ctx) if x[0] not in windowed]
         self.kv_heads: list[int] | None = None
         self.cache: CompressedCache | None = None
         if self.compressing:
-            self.kv_heads = capi.kv_heads(self.ctx)
+            self.kv_heads = [h for (il, _k, _v), h in zip(capi.kv_layers(self.ctx), capi.kv_heads(self.ctx))
+                             if il not in windowed]
             self.policy.prepare(self)  # it may read a calibrated profile (Engine.profile) before it sizes heads
             self.cache = self._compressed_cache()
+            self.windowed_layers = capi.windowed_layers(self.ctx)  # now the compressed cache's own (a window each)
         self.conversation = Conversation(self.model)
         self._turn: tuple | None = None      # the conversation before the last generate()'s prompt (rollback_turn)
         self._prefill: _PrefillWatch | None = None  # the prompt being read: interruption and progress
@@ -153,6 +166,19 @@ class Engine:
         # what the engine has done so far (the bench reads these)
         self.compressions, self.compress_seconds = 0, 0.0
         self.replays, self.replay_tokens, self.replay_seconds = 0, 0, 0.0
+
+    def _check_windowed(self) -> None:
+        """What a sliding-window model's compressed cache cannot do (its windowed layers stay as upstream's)."""
+        if not (self.compressing and self.shape.n_swa):
+            return
+        name = f"{self.shape.architecture} (windowed layers of {self.shape.n_swa} tokens)"
+        if self.pod:
+            raise LocalkvError(f"policy {self.policy.name} cannot compress {name}: POD shares attention between "
+                               "consecutive layers, and this model's full-attention layers have windowed ones between them")
+        if self.policy.reconstructs:
+            raise LocalkvError(f"policy {self.policy.name} cannot compress {name}: its replay of the prompt would "
+                               "push the real recent tokens out of the windowed layers' window (use replay=false, or "
+                               "snapkv, ahakv, h2o, pyramidkv, surfacelogickv)")
 
     def _load_model(self, model: str | None, shared_model: Model | None, gpu_layers: int, progress) -> None:
         if shared_model is not None:
@@ -175,6 +201,9 @@ class Engine:
             cp.cb_eval = eval_callback
         cp.n_ctx = self.plan.n_ctx_created
         cp.n_batch = cp.n_ubatch = self.plan.n_batch
+        # a sliding-window model's windowed layers hold their window (and a ubatch), as llama-server keeps them;
+        # the C API's default (swa_full) would give them the whole context
+        cp.swa_full = False
         ctx = ll.llama_init_from_model(self.model.ptr, cp)
         if not ctx:
             raise LocalkvError(f"llama.cpp could not create a context: {last_log_error()}")
@@ -609,14 +638,17 @@ class Engine:
     def rollback_turn(self) -> None:
         """Forget what the last generate() fed (its prompt and reply): the cache and the conversation are as they
         were before it. The turn's tokens are cut from the cache; if a compression ran during the turn it may
-        have dropped earlier tokens for the turn's sake, so the cache is emptied instead and the next turn of a
-        chat reads the conversation again (history_text is then "")."""
+        have dropped earlier tokens for the turn's sake (and a sliding-window model's windowed layers may have
+        reused the cells of their window for the turn's tokens), so the cache is emptied instead and the next
+        turn of a chat reads the conversation again (history_text is then "")."""
         if self._turn is None:
             return
         mark, compressions = self._turn
         self._turn = None
         n_past = mark[0]
-        if self.compressions != compressions or (
+        # a windowed layer's ring may have reused the cells of the window before the turn for the turn's tokens
+        windowed_lost = bool(self.windowed_layers) and self.n_past > n_past
+        if windowed_lost or self.compressions != compressions or (
                 self.n_past > n_past and not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, n_past, -1)):
             self.reset()
             return
@@ -673,9 +705,11 @@ class Engine:
     # ---------------------------------------------------------------- memory
 
     def full_bytes(self, tokens: int, type_name: str) -> int:
-        """A full (uncompressed) cache of `tokens` tokens in every layer, K and V of type `type_name`."""
-        per_token = len(self.kv_layers) * self.shape.n_head_kv * self.shape.head_dim * 2
-        return int(round(per_token * tokens * TYPE_BYTES[type_name]))
+        """Upstream's full (uncompressed) cache of `tokens` tokens, K and V of type `type_name`: every full-attention
+        layer holds them all, a windowed layer (sliding-window models) at most its window of cells."""
+        per_token = self.shape.n_head_kv * self.shape.head_dim * 2
+        cells = len(self.kv_layers) * tokens + sum(min(tokens, w[1]) for w in self.windowed_layers)
+        return int(round(per_token * cells * TYPE_BYTES[type_name]))
 
     def memory_report(self, tokens: int | None = None) -> MemoryReport:
         """What llama.cpp allocated for this context's KV cache, layer by layer, next to full caches."""

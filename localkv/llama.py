@@ -74,6 +74,7 @@ class ModelShape:
     n_ctx_train: int
     n_vocab: int
     architecture: str
+    n_swa: int = 0  # the sliding window of a model whose layers mix windowed and full attention (0: none)
 
 
 class Model:
@@ -97,7 +98,7 @@ class Model:
             n_layer=ll.llama_model_n_layer(ptr), n_head=n_head, n_head_kv=ll.llama_model_n_head_kv(ptr),
             n_embd=n_embd, head_dim=int(key_len) if key_len else n_embd // max(n_head, 1),
             n_ctx_train=ll.llama_model_n_ctx_train(ptr), n_vocab=ll.llama_vocab_n_tokens(self.vocab),
-            architecture=arch)
+            architecture=arch, n_swa=int(ll.llama_model_n_swa(ptr)))
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(512)

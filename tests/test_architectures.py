@@ -23,7 +23,7 @@ from test_surfacelogickv import ref_adaptive
 
 pytestmark = pytest.mark.model
 
-COMPRESSED = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+COMPRESSED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
 TEXT = ("Ships left the harbour at dawn; the keeper logged each one by name. By noon the wind turned, "
         "and nine boats came back to shelter behind the old stone pier before the storm.")
 
@@ -65,11 +65,17 @@ def test_allocated_bytes_are_the_slots_bytes(model_file, name):
     with make_engine(model_file(name), policy="pyramidkv", budget=64, chunk=64, prefill_budget=0) as eng:
         eng.feed(eng.model.tokenize(TEXT))
         _cap, alloc, used = capi.cache_state(eng.ctx)
-        assert len(alloc) == s.n_layer * s.n_head_kv
+        n_cached = s.n_layer - (s.n_layer - s.n_layer // s.swa_pattern if s.sliding_window else 0)
+        assert len(eng.kv_layers) == n_cached and len(alloc) == n_cached * s.n_head_kv
         per_slot = s.head_dim * 2 * 2  # K and V rows of one head, f16
-        assert capi.memory_bytes(eng.ctx) == int(alloc.sum()) * per_slot
+        # a windowed layer holds its window and a ubatch, padded to 256 cells as upstream does
+        windowed = capi.windowed_layers(eng.ctx)
+        assert len(windowed) == s.n_layer - n_cached
+        cells = -(-(s.sliding_window + eng.n_batch) // 256) * 256
+        assert all(w[1] == cells and w[2] == w[3] == cells * s.n_head_kv * s.head_dim * 2 for w in windowed)
+        assert capi.memory_bytes(eng.ctx) == int(alloc.sum()) * per_slot + sum(w[2] + w[3] for w in windowed)
         assert used.tolist() == [min(c, eng.n_past) for c in eng.head_capacities]
-        assert sum(eng.capacities) == 64 * s.n_layer
+        assert sum(eng.capacities) == 64 * n_cached
 
 
 # llama.cpp's Phi-3 graph scales Q by 1/sqrt(head_dim) before attention (its last "Qcur") and attends with scale 1
@@ -94,8 +100,7 @@ def _snapkv_scores(q, k, group, n, scale, window=32, kernel=7):
 def test_kept_tokens_are_the_numpy_references(model_file, name, adaptive):
     s = SHAPES[name]
     group = s.n_head // s.n_head_kv
-    layers = (0, s.n_layer - 1)
-    dump = GraphDump({f"{t}cur-{il}" for t in "QK" for il in layers}, head_dim=s.head_dim)
+    dump = GraphDump({f"{t}cur-{il}" for t in "QK" for il in range(s.n_layer)}, head_dim=s.head_dim)
     chosen = {}
     budget = 48
     args = {"whole_words": "false", "adaptive": str(adaptive).lower()}
@@ -115,7 +120,8 @@ def test_kept_tokens_are_the_numpy_references(model_file, name, adaptive):
         finally:
             capi.keep = orig_keep
         n = len(tokens)
-        for il in layers:
+        cached = [il for il, _k, _v in eng.kv_layers]  # the full-attention layers (all but a windowed model's)
+        for i, il in [(0, cached[0]), (len(cached) - 1, cached[-1])]:
             q = dump.tensors[f"Qcur-{il}"][0].astype(np.float64)
             k = dump.tensors[f"Kcur-{il}"][0].astype(np.float16).astype(np.float64)  # the cache holds f16 keys
             assert q.shape == (n, s.n_head, s.head_dim) and k.shape == (n, s.n_head_kv, s.head_dim)
@@ -123,26 +129,26 @@ def test_kept_tokens_are_the_numpy_references(model_file, name, adaptive):
             counts = [budget] * s.n_head_kv
             if adaptive:
                 counts = ref_adaptive(scores, [n] * s.n_head_kv, counts, eng.policy.adaptive_floor)
-                got_counts = [len(chosen[il][h]) for h in range(s.n_head_kv)]
+                got_counts = [len(chosen[i][h]) for h in range(s.n_head_kv)]
                 assert sum(got_counts) == budget * s.n_head_kv
                 assert max(abs(a - b) for a, b in zip(got_counts, counts)) <= 1  # fp noise at the cut
                 counts = got_counts
             for h in range(s.n_head_kv):
-                got = chosen[il][h]
+                got = chosen[i][h]
                 want = np.sort(np.argsort(-scores[h], kind="stable")[:counts[h]])
                 if not np.array_equal(got, want):  # ties aside: a swapped slot scores as the cut (fp noise)
                     kth = np.sort(scores[h])[::-1][counts[h] - 1]
                     for x in set(got.tolist()) ^ set(want.tolist()):
                         assert abs(scores[h][x] - kth) <= 1e-3 * abs(kth) + 1e-6, f"layer {il} head {h} slot {x}"
         # and the cache holds exactly those slots' positions, per head
-        for i, il in enumerate(range(s.n_layer)):
+        for i in range(len(cached)):
             pos = capi.positions(eng.ctx, i, used=capi.head_state(eng.ctx, i)[2])
             for h in range(s.n_head_kv):
                 held = pos[h][pos[h] >= 0]
                 assert np.array_equal(np.sort(held), np.sort(chosen[i][h]))  # one chunk: slot = position
 
 
-@pytest.mark.parametrize("name,why", [("qwen2vl", "multi-position RoPE"), ("gemma3", "cannot compress")])
+@pytest.mark.parametrize("name,why", [("qwen2vl", "multi-position RoPE")])
 def test_unsupported_shapes_are_refused_in_one_line(model_file, name, why):
     p = subprocess.run([sys.executable, "-m", "localkv.cli", "generate", "hi", "--model", model_file(name),
                         "--policy", "snapkv", "--budget", "64"], capture_output=True, text=True, timeout=120,
@@ -150,3 +156,30 @@ def test_unsupported_shapes_are_refused_in_one_line(model_file, name, why):
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and why in lines[0], p.stderr
+
+
+def test_windowed_layers_wrap_their_window_as_upstreams_do(model_file):
+    """A prompt several windows long (the windowed layers' ring of cells wraps) gives upstream's logits bit for
+    bit before any eviction (the same ubatches), and its greedy reply; compressed to a budget, the reply still
+    comes, the full-attention layer holds the budget and the windowed layers their window."""
+    path = model_file("gemma3")
+    text = " ".join(f"Entry {i}: the tide was low and the boats stayed in." for i in range(14))
+    logits, replies = [], []
+    for kw in ({}, {"policy": "snapkv", "budget": 2048}):
+        with make_engine(path, chunk=64, ctx=2048, **kw) as eng:
+            tokens = eng.model.tokenize(text)
+            assert len(tokens) > 4 * SHAPES["gemma3"].sliding_window
+            for i in range(0, len(tokens), 64):
+                raw_decode(eng, tokens[i:i + 64], logits=True)
+            logits.append(_logits(eng))
+            eng.reset()
+            replies.append(eng.generate(text, max_tokens=16, temperature=0, chat=False, ignore_eos=True).text)
+    assert np.array_equal(logits[0], logits[1])
+    assert replies[0] == replies[1]
+    with make_engine(path, chunk=64, policy="snapkv", budget=96) as eng:
+        res = eng.generate(text, max_tokens=16, temperature=0, chat=False, ignore_eos=True)
+        assert res.generated_tokens == 16
+        assert eng.kv_tokens_per_head().max() <= 96 + eng.decode_interval
+        cells = capi.windowed_layers(eng.ctx)[0][1]
+        assert cells == 256  # the window (128) and a ubatch (64), padded as upstream pads it
+        assert res.kv_bytes_allocated < eng.full_bytes(eng.n_past, "f16")

@@ -559,12 +559,14 @@ def test_before_any_eviction_the_logits_are_upstreams(model_path, ctype, flash_a
     assert np.array_equal(logits[0], logits[1])
 
 
-def test_sliding_window_models_are_refused_with_a_clear_error():
-    """Gemma 3 uses a sliding-window cache: compressed storage must say no, not crash (optional model)."""
+def test_a_sliding_window_model_compresses_its_full_attention_layers():
+    """Gemma 3 (optional registry model): its 3 global layers are compressed, its 15 windowed layers keep their
+    window as upstream keeps them (random-weight models of every shape: test_architectures.py)."""
     from localkv import models
     try:
         path = models.resolve("gemma-3-270m-q4_k_m", progress=False)
     except LocalkvError:
         pytest.skip("gemma-3-270m-q4_k_m is not installed (localkv models pull gemma-3-270m-q4_k_m)")
-    with pytest.raises(LocalkvError, match="cannot compress"):
-        make_engine(str(path), policy="snapkv", budget=128)
+    with make_engine(str(path), policy="snapkv", budget=128) as eng:
+        assert [il for il, _k, _v in eng.kv_layers] == [5, 11, 17]
+        assert len(eng.windowed_layers) == 15

@@ -238,14 +238,13 @@ def test_replay_true_ranks_by_the_larger_of_own_and_reconstruction_scores():
 
 
 def test_chat_replays_earlier_turns_unless_told_not_to():
-    from localkv.chat import chat_policy_args
-    assert chat_policy_args("snapkv", None) == ["replay=true"]
-    assert chat_policy_args("ahakv", ["replay=false"]) == ["replay=false"]
-    assert chat_policy_args("kvzip", ["window=8"]) == ["window=8"]  # replays by itself
-    assert chat_policy_args("streamingllm", None) == [] and chat_policy_args("full", None) == []
-    from localkv.chat import conversation_policy_args
-    assert conversation_policy_args("h2o", {"window": "8"}) == {"window": "8", "replay": "true"}
-    assert conversation_policy_args("snapkv", {"replay": "false"}) == {"replay": "false"}
+    from localkv import policies
+    args = policies.conversation_args
+    assert args("snapkv", {}) == {"replay": "true"}
+    assert args("ahakv", {"replay": "false"}) == {"replay": "false"}
+    assert args("kvzip", {"window": "8"}) == {"window": "8"}  # replays by itself
+    assert args("streamingllm", {}) == {} and args("full", {}) == {}
+    assert args("h2o", {"window": "8"}) == {"window": "8", "replay": "true"}
 
 
 def test_global_threshold_keeps_each_heads_floor(model_path):

@@ -12,7 +12,8 @@ from dataclasses import fields
 from ..errors import LocalkvError
 from .base import DECODE, PREFILL, LayerView, Policy, PolicyArgError
 
-__all__ = ["DECODE", "PREFILL", "LayerView", "Policy", "PolicyArgError", "available", "create", "parse_args"]
+__all__ = ["DECODE", "PREFILL", "LayerView", "Policy", "PolicyArgError", "available", "conversation_args", "create",
+           "parse_args"]
 
 
 def _discover() -> dict[str, type[Policy]]:
@@ -82,6 +83,17 @@ def create(name: str, args: dict[str, str] | None = None) -> Policy:
     policy = cls(**kwargs)
     policy.check_arguments()
     return policy
+
+
+def conversation_args(name: str, args: dict[str, str]) -> dict[str, str]:
+    """A conversation's earlier turns are compressed before the later questions exist: a policy that can replay
+    them (KVzip's reconstruction, `replay=true`) does so unless told otherwise (measured in docs/results.md,
+    "KVzip: a chat that remembers": SnapKV keeps no fact of an earlier turn at a third of the conversation
+    without it). The chat and the server hold conversations (Engine(conversation=True))."""
+    cls = _REGISTRY.get(name)
+    if cls is not None and "replay" in {f.name for f in fields(cls)} and "replay" not in args:
+        return {**args, "replay": "true"}
+    return args
 
 
 def _bool(raw: str) -> bool:

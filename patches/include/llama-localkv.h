@@ -13,7 +13,7 @@
 
 // Bumped whenever a declaration in this header changes meaning or signature.
 // localkv's Python bindings refuse to run against a library with another value.
-#define LLAMA_LOCALKV_ABI_VERSION 8
+#define LLAMA_LOCALKV_ABI_VERSION 9
 
 #ifdef __cplusplus
 extern "C" {
@@ -55,6 +55,23 @@ extern "C" {
                                 size_t * k_bytes,
                                 size_t * v_bytes);
 
+    // A sliding-window model's windowed layers (Gemma 2/3, gpt-oss, ...): those
+    // its compressed cache keeps as upstream keeps them, a window of cells each
+    // (with compression off: upstream's SWA cache). 0 for a model without them,
+    // -1 for a NULL ctx.
+    LLAMA_API int32_t llama_localkv_n_windowed_layers(const struct llama_context * ctx);
+
+    // For the i-th windowed layer: the model layer, the cells of its window and
+    // the bytes of its K and V tensors. Any output pointer may be NULL. Returns
+    // 0, -1 for a NULL ctx, -2 if i is out of range.
+    LLAMA_API int32_t llama_localkv_windowed_layer_info(
+            const struct llama_context * ctx,
+                               int32_t   i,
+                               int32_t * il,
+                              uint32_t * n_cells,
+                                size_t * k_bytes,
+                                size_t * v_bytes);
+
 
     //
     // Compressed KV cache
@@ -67,6 +84,11 @@ extern "C" {
     // slots x head dim x (K bytes + V bytes), with the slots chosen by the
     // caller (padded to a multiple of 32): they may be fewer than the capacity
     // while the cache fills, and grow or shrink with resize.
+    //
+    // A sliding-window model (upstream's two caches: Gemma 2/3, gpt-oss,
+    // Cohere2) has only its full-attention layers compressed, and those are its
+    // cached layers below; its windowed layers keep a window-sized upstream
+    // cache inside the compressed module (llama_localkv_windowed_layer_info).
     //
     // Per-head arrays (capacities, slots, counts) list every KV head of cached
     // layer 0, then of layer 1, and so on (llama_localkv_kv_layer_info gives

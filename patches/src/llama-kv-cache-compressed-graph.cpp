@@ -325,6 +325,75 @@ llm_graph_input_attn_kv * llm_graph_build_attn_inp_kv_compressed(const llm_graph
     return (llm_graph_input_attn_kv *) graph.res->add_input(std::move(inp));
 }
 
+//
+// sliding-window models: the windowed layers' inputs, as upstream's llm_graph_input_attn_kv_iswa fills its *_swa ones
+//
+
+void llm_graph_input_attn_kv_iswa_compressed::set_input(const llama_ubatch * ubatch) {
+    if (self_k_idxs_swa && self_k_idxs_swa->buffer) {
+        windowed->set_input_k_idxs(self_k_idxs_swa, ubatch);
+        if (self_v_idxs_swa) {
+            windowed->set_input_v_idxs(self_v_idxs_swa, ubatch);
+        }
+    }
+    if (self_kq_mask_swa && self_kq_mask_swa->buffer) {
+        windowed->set_input_kq_mask(self_kq_mask_swa, ubatch, cparams.causal_attn);
+    }
+    if (self_k_rot_swa && self_k_rot_swa->buffer) {
+        windowed->set_input_k_rot(self_k_rot_swa);
+    }
+    if (self_v_rot_swa && self_v_rot_swa->buffer) {
+        windowed->set_input_v_rot(self_v_rot_swa);
+    }
+}
+
+bool llm_graph_input_attn_kv_iswa_compressed::can_reuse(const llm_graph_params & params) {
+    const auto * mctx_new = dynamic_cast<const llama_kv_cache_compressed_context *>(params.mctx);
+    if (!mctx_new || !mctx_new->get_windowed()) {
+        return false;
+    }
+    windowed = mctx_new->get_windowed();
+
+    // upstream's checks: the same ubatch size and the same window of cells
+    bool res = true;
+    if (self_k_idxs_swa && self_k_idxs_swa->buffer) {
+        res &= self_k_idxs_swa->ne[0] == params.ubatch.n_tokens;
+    }
+    if (self_kq_mask_swa && self_kq_mask_swa->buffer) {
+        const int64_t n_stream = params.cparams.kv_unified ? 1 : params.ubatch.n_seqs_unq;
+        res &= self_kq_mask_swa->ne[0] == windowed->get_n_kv();
+        res &= self_kq_mask_swa->ne[1] == params.ubatch.n_tokens/n_stream;
+        res &= self_kq_mask_swa->ne[2] == 1 && self_kq_mask_swa->ne[3] == n_stream;
+    }
+    return res;
+}
+
+llm_graph_input_attn_kv_iswa * llm_graph_build_attn_inp_kv_iswa_compressed(const llm_graph_context & graph) {
+    const auto * mctx = static_cast<const llama_kv_cache_compressed_context *>(graph.mctx);
+    const llama_kv_cache_context * windowed = mctx->get_windowed();
+    GGML_ASSERT(windowed && "a sliding-window model's compressed cache holds its windowed layers");
+    ggml_context * ctx0 = graph.ctx0;
+
+    auto * compressed = static_cast<llm_graph_input_attn_kv_compressed *>(llm_graph_build_attn_inp_kv_compressed(graph));
+    auto inp = std::make_unique<llm_graph_input_attn_kv_iswa_compressed>(graph.hparams, graph.cparams, windowed, compressed);
+
+    inp->self_k_idxs_swa = windowed->build_input_k_idxs(ctx0, graph.ubatch);
+    inp->self_v_idxs_swa = windowed->build_input_v_idxs(ctx0, graph.ubatch);
+
+    // upstream's mask for the window (f16 for flash attention), one stream
+    const int64_t n_stream = graph.cparams.kv_unified ? 1 : graph.ubatch.n_seqs_unq;
+    inp->self_kq_mask_swa = ggml_new_tensor_4d(ctx0, graph.cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32,
+            windowed->get_n_kv(), graph.ubatch.n_tokens/n_stream, 1, n_stream);
+    ggml_set_input(inp->self_kq_mask_swa);
+    ggml_set_name(inp->self_kq_mask_swa, "attn_inp_kq_mask_swa");
+    inp->self_kq_mask_swa_cnv = inp->self_kq_mask_swa;
+
+    inp->self_k_rot_swa = windowed->build_input_k_rot(ctx0);
+    inp->self_v_rot_swa = windowed->build_input_v_rot(ctx0);
+
+    return (llm_graph_input_attn_kv_iswa *) graph.res->add_input(std::move(inp));
+}
+
 // write the ubatch's K and V (and VNORM) into the rows planned for it
 static void store_ubatch(const llama_kv_compressed_attn & attn, const llm_graph_input_attn_kv_compressed::layer_inputs & in,
         ggml_tensor * k_cur, ggml_tensor * v_cur) {

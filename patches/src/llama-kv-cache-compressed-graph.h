@@ -59,6 +59,22 @@ private:
     std::map<std::pair<int32_t, uint32_t>, ggml_tensor *> pod_v_rows; // by (cached layer, follower head)
 };
 
+// the attention input of a sliding-window model over the compressed cache: the compressed input above for its
+// full-attention layers (`compressed`, a graph input of its own) and, in the base class's *_swa tensors, upstream's
+// inputs for its windowed layers, filled from the windowed cache's memory context. The base class's mctx stays null.
+class llm_graph_input_attn_kv_iswa_compressed : public llm_graph_input_attn_kv_iswa {
+public:
+    llm_graph_input_attn_kv_iswa_compressed(const llama_hparams & hparams, const llama_cparams & cparams,
+            const llama_kv_cache_context * windowed, llm_graph_input_attn_kv_compressed * compressed) :
+        llm_graph_input_attn_kv_iswa(hparams, cparams, nullptr), windowed(windowed), compressed(compressed) {}
+
+    void set_input(const llama_ubatch * ubatch) override;
+    bool can_reuse(const llm_graph_params & params) override;
+
+    const llama_kv_cache_context       * windowed;
+    llm_graph_input_attn_kv_compressed * compressed;
+};
+
 // one layer's attention through the compressed cache while its graph is built: what every step reads
 struct llama_kv_compressed_attn {
     const llm_graph_context            & graph;
@@ -74,6 +90,10 @@ struct llama_kv_compressed_attn {
 
 // the attention input (the hook in build_attn_inp_kv)
 llm_graph_input_attn_kv * llm_graph_build_attn_inp_kv_compressed(const llm_graph_context & graph);
+
+// a sliding-window model's attention input (the hook in build_attn_inp_kv_iswa); build_attn's iswa hook sends its
+// full-attention layers to the compressed input, and attends its windowed layers as upstream does
+llm_graph_input_attn_kv_iswa * llm_graph_build_attn_inp_kv_iswa_compressed(const llm_graph_context & graph);
 
 // one layer's store and attention (the hook in build_attn)
 ggml_tensor * llm_graph_build_attn_compressed(

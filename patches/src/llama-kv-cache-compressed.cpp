@@ -132,7 +132,17 @@ llama_memory_context_ptr llama_kv_cache_compressed::init_batch(llama_batch_alloc
         }
     }
 
-    return std::make_unique<llama_kv_cache_compressed_context>(this, std::move(ubatches));
+    // the windowed layers find their cells as upstream's cache does (a ring over the window)
+    llama_memory_context_ptr windowed_ctx;
+    if (windowed) {
+        auto sinfos = windowed->prepare(ubatches);
+        if (sinfos.empty()) {
+            return std::make_unique<llama_kv_cache_compressed_context>(LLAMA_MEMORY_STATUS_FAILED_PREPARE);
+        }
+        windowed_ctx = std::make_unique<llama_kv_cache_context>(windowed.get(), std::move(sinfos), ubatches);
+    }
+
+    return std::make_unique<llama_kv_cache_compressed_context>(this, std::move(ubatches), std::move(windowed_ctx));
 }
 
 llama_memory_context_ptr llama_kv_cache_compressed::init_full() {
@@ -162,6 +172,9 @@ void llama_kv_cache_compressed::clear(bool data) {
             ggml_backend_buffer_clear(buf.get(), 0);
         }
     }
+    if (windowed) {
+        windowed->clear(data);
+    }
 }
 
 bool llama_kv_cache_compressed::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -176,6 +189,9 @@ bool llama_kv_cache_compressed::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_
     }
     if (p0 >= p1) {
         return true;
+    }
+    if (windowed && !windowed->seq_rm(seq_id, p0, p1)) {
+        return false;
     }
     if (!pod_leader.empty()) {
         // a follower's ring is indexed by the tokens written: only clearing everything keeps it right
@@ -255,6 +271,11 @@ std::map<ggml_backend_buffer_type_t, size_t> llama_kv_cache_compressed::memory_b
     for (const auto & [c, buf] : kv_bufs) {
         res[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
     }
+    if (windowed) {
+        for (const auto & [buft, size] : windowed->memory_breakdown()) {
+            res[buft] += size;
+        }
+    }
     return res;
 }
 
@@ -273,22 +294,43 @@ void llama_kv_cache_compressed::state_read(llama_io_read_i &, llama_seq_id, llam
 llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_memory_status status) : status(status) {}
 
 llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv) :
-    status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), plan(kv->plan_reserve()) {}
+    status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), plan(kv->plan_reserve()),
+    windowed(kv->get_windowed() ? kv->get_windowed()->init_full() : nullptr) {
+    if (windowed) {
+        status = llama_memory_status_combine(status, windowed->get_status());
+    }
+}
 
 llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, llama_context * lctx) :
-    status(kv->has_pending() ? LLAMA_MEMORY_STATUS_SUCCESS : LLAMA_MEMORY_STATUS_NO_UPDATE), kv(kv), lctx(lctx) {}
+    status(kv->has_pending() ? LLAMA_MEMORY_STATUS_SUCCESS : LLAMA_MEMORY_STATUS_NO_UPDATE), kv(kv), lctx(lctx),
+    windowed(kv->get_windowed() ? kv->get_windowed()->init_update(lctx, false) : nullptr) {
+    if (windowed) {
+        status = llama_memory_status_combine(status, windowed->get_status());
+    }
+}
 
-llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, std::vector<llama_ubatch> ubatches) :
-    status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), ubatches(std::move(ubatches)) {}
+llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, std::vector<llama_ubatch> ubatches,
+        llama_memory_context_ptr windowed) :
+    status(LLAMA_MEMORY_STATUS_SUCCESS), kv(kv), ubatches(std::move(ubatches)), windowed(std::move(windowed)) {}
+
+const llama_kv_cache_context * llama_kv_cache_compressed_context::get_windowed() const {
+    return static_cast<const llama_kv_cache_context *>(windowed.get());
+}
 
 bool llama_kv_cache_compressed_context::next() {
     GGML_ASSERT(status == LLAMA_MEMORY_STATUS_SUCCESS);
+    if (windowed) {
+        windowed->next();
+    }
     return ++i_cur < ubatches.size();
 }
 
 bool llama_kv_cache_compressed_context::apply() {
     GGML_ASSERT(!llama_memory_status_is_fail(status));
 
+    if (windowed && windowed->get_status() == LLAMA_MEMORY_STATUS_SUCCESS && !windowed->apply()) {
+        return false;
+    }
     if (lctx) {
         kv->flush(lctx); // an update: the pending compactions
         return true;

@@ -45,10 +45,17 @@
 //
 // Layers are indexed one way outside this module: i, the position of a cached layer (as in the C API);
 // `il` (the model's layer) is used only to look a layer up while building a graph.
+//
+// Sliding-window models (upstream's llama_kv_cache_iswa: Gemma 2/3, gpt-oss, Cohere2, Llama 4's chunked layers):
+// only the full-attention layers are compressed; the windowed layers keep an upstream llama_kv_cache of their own
+// (`windowed`, a window plus a ubatch, as upstream sizes it), which this module owns and drives beside its own
+// layers: every batch is prepared, applied and removed in both, and the graph's iswa hooks attend the windowed
+// layers through it exactly as upstream does (llama-kv-cache-compressed-graph.h).
 
 #include "llama.h"
 #include "llama-localkv.h"
 #include "llama-batch.h"
+#include "llama-kv-cache.h"
 #include "llama-memory.h"
 
 #include "ggml.h"
@@ -65,7 +72,6 @@
 
 struct llama_model;
 struct llama_hparams;
-class  llama_kv_cache;
 
 // one cached layer of the compressed cache: its heads' regions, their tokens and its tensors
 struct llama_kv_compressed_layer {
@@ -259,6 +265,10 @@ public:
     bool flush(llama_context * lctx);
     bool has_pending() const;
 
+    // a sliding-window model's windowed layers, kept as upstream keeps them (taken over once, at creation)
+    void set_windowed(std::unique_ptr<llama_kv_cache> cache) { windowed = std::move(cache); }
+    llama_kv_cache * get_windowed() const { return windowed.get(); }
+
     const std::vector<llama_kv_compressed_layer> & get_layers() const { return layers; }
     uint32_t n_heads_total() const;
     uint64_t get_transfer_bytes() const { return transfer_bytes; }
@@ -324,6 +334,7 @@ private:
     const llama_hparams & hparams;
 
     std::vector<llama_kv_compressed_layer> layers; // the cached layers, in the order of upstream's cache
+    std::unique_ptr<llama_kv_cache> windowed;      // a sliding-window model's windowed layers (else null)
     std::unordered_map<int32_t, int32_t> map_layer_ids; // model layer -> cached layer
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> kv_bufs;
@@ -438,8 +449,9 @@ public:
     // the pending compactions
     llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, llama_context * lctx);
 
-    // a batch
-    llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, std::vector<llama_ubatch> ubatches);
+    // a batch (`windowed`: the windowed layers' context for the same ubatches, null without them)
+    llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, std::vector<llama_ubatch> ubatches,
+            llama_memory_context_ptr windowed = nullptr);
 
     bool next()  override;
     bool apply() override;
@@ -449,6 +461,8 @@ public:
 
     llama_kv_cache_compressed      * get_cache() const { return kv; }
     const llama_kv_compressed_plan & get_plan()  const { return plan; }
+    // the windowed layers' memory context (null for a model without them)
+    const llama_kv_cache_context   * get_windowed() const;
 
 private:
     llama_memory_status status;
@@ -460,4 +474,6 @@ private:
     size_t i_cur = 0;
 
     llama_kv_compressed_plan plan; // of the current ubatch (or the worst case)
+
+    llama_memory_context_ptr windowed; // the windowed layers' context, stepped with this one
 };

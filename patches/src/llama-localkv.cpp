@@ -11,6 +11,7 @@
 #include "llama-kv-cache-compressed.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <exception>
 #include <string>
 #include <utility>
@@ -112,6 +113,46 @@ int32_t llama_localkv_kv_layer_info(const llama_context * ctx, int32_t i, int32_
     return -2;
 }
 
+// the cache of a sliding-window model's windowed layers: the compressed cache's, else upstream's SWA cache
+static const llama_kv_cache * localkv_windowed_of(const llama_context * ctx) {
+    if (!ctx) {
+        return nullptr;
+    }
+    if (const auto * kv = localkv_compressed_of(ctx)) {
+        return kv->get_windowed();
+    }
+    const auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(ctx->get_memory());
+    return iswa ? iswa->get_swa() : nullptr;
+}
+
+int32_t llama_localkv_n_windowed_layers(const llama_context * ctx) {
+    if (!ctx) {
+        return -1;
+    }
+    const llama_kv_cache * swa = localkv_windowed_of(ctx);
+    return swa ? (int32_t) swa->get_layer_ids().size() : 0;
+}
+
+int32_t llama_localkv_windowed_layer_info(const llama_context * ctx, int32_t i, int32_t * il, uint32_t * n_cells,
+        size_t * k_bytes, size_t * v_bytes) {
+    if (!ctx) {
+        return -1;
+    }
+    const llama_kv_cache * swa = localkv_windowed_of(ctx);
+    const std::vector<uint32_t> ids = swa ? swa->get_layer_ids() : std::vector<uint32_t>();
+    if (i < 0 || (size_t) i >= ids.size()) {
+        return -2;
+    }
+    const int32_t layer = (int32_t) ids[i];
+    const ggml_tensor * k = swa->get_k_storage(layer);
+    const ggml_tensor * v = swa->get_v_storage(layer);
+    if (il)      { *il      = layer; }
+    if (n_cells) { *n_cells = swa->get_size(); }
+    if (k_bytes) { *k_bytes = k ? ggml_nbytes(k) : 0; }
+    if (v_bytes) { *v_bytes = v ? ggml_nbytes(v) : 0; }
+    return 0;
+}
+
 //
 // compressed KV cache: every entry point runs inside localkv_guard, so nothing throws across the C boundary
 //
@@ -189,8 +230,17 @@ static std::string localkv_why_not(const llama_context * ctx) {
     if (ctx->n_seq_max() != 1 || ctx->get_cparams().ctx_other != nullptr) {
         return "compressed storage needs a context with one sequence (n_seq_max = 1) and its own cache";
     }
-    if (hparams.swa_type != LLAMA_SWA_TYPE_NONE || hparams.is_mla() || hparams.n_pos_per_embd() > 1) {
-        return "compressed storage does not support this model's attention (sliding window, MLA or multi-position RoPE)";
+    const bool two_caches = dynamic_cast<const llama_kv_cache_iswa *>(ctx->get_memory()) != nullptr;
+    if (hparams.swa_type != LLAMA_SWA_TYPE_NONE && !two_caches) {
+        // a window over every layer in one cache (Mistral 7B v0.1's): nothing full-attention to compress
+        return "compressed storage does not support a sliding window over every layer (only models that mix windowed and "
+               "full-attention layers)";
+    }
+    if (hparams.is_mla() || hparams.n_pos_per_embd() > 1) {
+        return "compressed storage does not support this model's attention (MLA or multi-position RoPE)";
+    }
+    if (hparams.n_layer_kv_from_start >= 0) {
+        return "compressed storage does not support layers that share another layer's K and V";
     }
     if (llama_model_has_encoder(&model) || !ctx->get_cparams().causal_attn) {
         return "compressed storage needs a causal decoder-only model";
@@ -202,6 +252,25 @@ static std::string localkv_why_not(const llama_context * ctx) {
     return "";
 }
 
+// a sliding-window model's windowed layers in an upstream cache of their own, made as llama_kv_cache_iswa makes its
+// SWA cache (the same layers, types and devices, the model's window) but sized for the window and one ubatch
+// whatever the context's size: a compressed context is created small, its positions are not bounded by it
+static std::unique_ptr<llama_kv_cache> localkv_windowed_cache(const llama_context * ctx, const llama_kv_cache & swa) {
+    const llama_model   & model   = ctx->get_model();
+    const llama_hparams & hparams = model.hparams;
+    const llama_cparams & cparams = ctx->get_cparams();
+    const std::vector<uint32_t> ids = swa.get_layer_ids();
+    GGML_ASSERT(!ids.empty());
+    const ggml_type type_k = swa.get_k_storage(ids[0])->type;
+    const ggml_type type_v = swa.get_v_storage(ids[0])->type;
+    const uint32_t size = GGML_PAD(hparams.n_swa + cparams.n_ubatch, 256); // upstream pads its SWA cache to 256
+    const llama_memory_i::layer_filter_cb filter = [ids](int32_t il) {
+        return std::find(ids.begin(), ids.end(), (uint32_t) il) != ids.end();
+    };
+    return std::make_unique<llama_kv_cache>(model, hparams, type_k, type_v, !cparams.flash_attn, cparams.offload_kqv,
+            cparams.kv_unified, size, 1, 1, hparams.n_swa, hparams.swa_type, nullptr, filter, nullptr, nullptr);
+}
+
 int32_t llama_localkv_enable(llama_context * ctx, const uint32_t * capacities, const uint32_t * slots, int32_t n_heads) {
     return localkv_guard(LLAMA_LOCALKV_ERR_ALLOC, [&]() -> int32_t {
         if (!ctx) {
@@ -210,17 +279,23 @@ int32_t llama_localkv_enable(llama_context * ctx, const uint32_t * capacities, c
         if (localkv_compressed_of(ctx)) {
             return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage is already enabled on this context");
         }
-        auto * kv = dynamic_cast<llama_kv_cache *>(ctx->get_memory());
+        // a plain cache, or a sliding-window model's two (its full-attention layers are compressed)
+        llama_memory_i * mem = ctx->get_memory();
+        auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem);
+        const llama_kv_cache * kv = iswa ? iswa->get_base() : dynamic_cast<llama_kv_cache *>(mem);
         if (!kv) {
             return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED,
-                    "this model's memory is not a plain KV cache (sliding-window, recurrent or hybrid models cannot be compressed)");
+                    "this model's memory is not a KV cache (recurrent and hybrid recurrent models cannot be compressed)");
         }
         const std::string why = localkv_why_not(ctx);
         if (!why.empty()) {
             return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED, why);
         }
-        if (kv->seq_pos_max(0) >= 0) {
+        if (mem->seq_pos_max(0) >= 0) {
             return localkv_fail(LLAMA_LOCALKV_ERR_STATE, "compressed storage must be enabled on an empty cache");
+        }
+        if (kv->get_layer_ids().empty()) {
+            return localkv_fail(LLAMA_LOCALKV_ERR_UNSUPPORTED, "this model has no full-attention layer to compress");
         }
         ctx->synchronize();
         int32_t rc = LLAMA_LOCALKV_OK;
@@ -230,7 +305,10 @@ int32_t llama_localkv_enable(llama_context * ctx, const uint32_t * capacities, c
         if (!compressed) {
             return localkv_fail(rc, err);
         }
-        ctx->swap_memory(std::move(compressed)); // the plain cache's buffers are freed here
+        if (iswa) {
+            compressed->set_windowed(localkv_windowed_cache(ctx, *iswa->get_swa()));
+        }
+        ctx->swap_memory(std::move(compressed)); // the plain caches' buffers are freed here
         return LLAMA_LOCALKV_OK;
     });
 }
