@@ -227,6 +227,11 @@ class ChatSession:
         self.progress = progress  # engine -> an on_progress callback with a done() (localkv.progress)
         self.messages: list[dict] = self._fresh()
         self.engine = make_engine()
+        if not self.engine.model.has_chat_template:
+            name = Path(self.engine.model_path).name
+            self.engine.close()
+            raise LocalkvError(f"{name} has no chat template (a base model, never trained on turns): use "
+                               "`localkv generate --raw` to complete text with it")
         self.interactive = sys.stdin.isatty()
         self.source = TerminalInput(err) if self.interactive else PipeInput(sys.stdin)
         self.saved = len(self.messages)  # messages as last saved or loaded: more are unsaved turns

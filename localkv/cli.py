@@ -131,12 +131,16 @@ def generate(
         text = _read_prompt(prompt, prompt_file)
         with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads, gpu_layers,
                      **_prefill_kw(prefill_budget)) as eng:
+            as_chat = not raw and eng.model.has_chat_template
+            if not raw and not as_chat:
+                err.print(f"note: {Path(eng.model_path).name} has no chat template (a base model): the prompt is "
+                          "completed as plain text (--raw)", highlight=False, markup=False)
             from .progress import PrefillProgress
             progress = None if as_json else PrefillProgress.for_engine(eng, sys.stderr)
             stream = None if as_json else (lambda s: (progress.done(), sys.stdout.write(s), sys.stdout.flush()))
             try:
                 res = eng.generate(text, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                   ignore_eos=ignore_eos, chat=not raw, on_text=stream, on_progress=progress)
+                                   ignore_eos=ignore_eos, chat=as_chat, on_text=stream, on_progress=progress)
             finally:
                 if progress is not None:
                     progress.done()
@@ -450,10 +454,16 @@ def models_info(
                   f"GGUF v{info.gguf_version}, {info.tensor_count} tensors")
         out.print(f"{info.n_layer} layers, {heads}, head dim {dims}, embedding {info.n_embd}, trained context "
                   f"{info.context_length or 'unknown'}, chat template: {'yes' if info.chat_template else 'no'}")
-        if info.sliding_window:
-            out.print(f"sliding-window attention ({info.sliding_window} tokens): full cache only, "
-                      "the compressed cache refuses it")
-        out.print("KV cache per token: " + ", ".join(f"{t} {fmt_bytes(b)}" for t, b in per_token.items()))
+        if info.windowed_layers:
+            n_win = len(info.windowed_layers)
+            out.print(f"sliding window of {info.sliding_window} tokens in {n_win} of {info.n_layer} layers: they hold "
+                      f"{info.window_cells} cells each, compressed or not (f16 "
+                      f"{fmt_bytes(info.windowed_bytes(info.window_cells))} in all); the other "
+                      f"{info.n_layer - n_win} are compressed")
+        if not info.chat_template:
+            out.print("no chat template: a base model; use `generate --raw` (plain completion), the chat refuses it")
+        out.print(("KV cache per token of the full-attention layers: " if info.windowed_layers else "KV cache per token: ")
+                  + ", ".join(f"{t} {fmt_bytes(b)}" for t, b in per_token.items()))
         t = Table(title=f"KV cache: full against budget {budget} (f16, at most {budget} + {gguf_info.HEADROOM} slots "
                         "per head at rest)")
         for col in ("tokens", "full f16", "full q8_0", "full q4_0", f"budget {budget}", "saved vs f16"):

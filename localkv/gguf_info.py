@@ -30,6 +30,13 @@ SLOT_PAD = 32
 PREFILL_BUDGET = 4096
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 CONTEXTS = (4096, 16384, 32768)
+# a windowed layer holds its window and one ubatch (the engine's 256-token chunks), padded to 256 cells: llama.cpp's
+# SWA cache, as llama-server and localkv size it
+WINDOW_UBATCH = 256
+WINDOW_PAD = 256
+# which layers of a sliding-window architecture are windowed when the GGUF does not say
+# ({arch}.attention.sliding_window_pattern): every n-th layer attends to everything (llama.cpp's defaults)
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "gpt-oss": 2, "cohere2": 4}
 
 
 def _gguf():
@@ -95,24 +102,41 @@ class ModelFile:
     head_dim_k: int
     head_dim_v: int
     context_length: int | None    # the trained context
-    sliding_window: int | None    # sliding-window attention (llama.cpp's compressed cache refuses it)
+    sliding_window: int | None    # sliding-window attention: the window of the windowed layers
     chat_template: str | None
     tensor_count: int
+    windowed_layers: tuple[int, ...] = ()  # layers that attend only to the window (kept as upstream keeps them)
 
-    def kv_bytes_per_token(self, cache_type: str = "f16") -> int:
-        """K and V bytes one token takes in every layer of a full cache of `cache_type` (llama.cpp's types)."""
+    @property
+    def window_cells(self) -> int:
+        """Cells a windowed layer holds: its window and one ubatch, padded as llama.cpp pads its SWA cache."""
+        return -(-((self.sliding_window or 0) + WINDOW_UBATCH) // WINDOW_PAD) * WINDOW_PAD
+
+    def _bytes_per_token(self, layers, cache_type: str) -> int:
         block, size = type_size(cache_type)
-        elements = sum(self.n_head_kv_per_layer) * (self.head_dim_k + self.head_dim_v)
+        elements = sum(self.n_head_kv_per_layer[il] for il in layers) * (self.head_dim_k + self.head_dim_v)
         return round(elements * size / block)
 
+    def kv_bytes_per_token(self, cache_type: str = "f16") -> int:
+        """K and V bytes one token takes in the full-attention layers (every layer but a sliding-window model's
+        windowed ones) of a full cache of `cache_type` (llama.cpp's types)."""
+        windowed = set(self.windowed_layers)
+        return self._bytes_per_token([il for il in range(self.n_layer) if il not in windowed], cache_type)
+
+    def windowed_bytes(self, tokens: int, cache_type: str = "f16") -> int:
+        """What the windowed layers hold after `tokens`: at most their window of cells, compressed or not."""
+        return self._bytes_per_token(self.windowed_layers, cache_type) * min(tokens, self.window_cells)
+
     def full_bytes(self, tokens: int, cache_type: str = "f16") -> int:
-        return self.kv_bytes_per_token(cache_type) * tokens
+        return self.kv_bytes_per_token(cache_type) * tokens + self.windowed_bytes(tokens, cache_type)
 
     def compressed_bytes(self, budget: int, cache_type: str = "f16", tokens: int | None = None) -> int:
         """KV bytes a compressed cache holds at rest after `tokens` (default: more than the budget): what it
-        kept, at most `budget` per KV head, plus one decode interval of slots, padded as llama.cpp allocates."""
+        kept, at most `budget` per KV head, plus one decode interval of slots, padded as llama.cpp allocates (and
+        a sliding-window model's windowed layers, which keep their window)."""
         kept = budget if tokens is None else min(budget, tokens)
-        return self.kv_bytes_per_token(cache_type) * (-(-(kept + HEADROOM) // SLOT_PAD) * SLOT_PAD)
+        return (self.kv_bytes_per_token(cache_type) * (-(-(kept + HEADROOM) // SLOT_PAD) * SLOT_PAD)
+                + self.windowed_bytes(tokens if tokens is not None else self.window_cells, cache_type))
 
     def savings(self, budget: int, contexts: tuple[int, ...] = CONTEXTS) -> list[dict[str, Any]]:
         """Per context length: full caches in f16, q8_0 and q4_0 against a compressed f16 cache of `budget`.
@@ -270,10 +294,25 @@ def _model_file(path: Path, size: int, reader) -> ModelFile:
         except ValueError:
             quant = None
     name = _field(reader, "general.name")
+    windowed = _windowed_layers(reader, arch, n_layer) if window and window[0] > 0 else ()
     return ModelFile(
         path=str(path), file_size=size, gguf_version=int(_field(reader, "GGUF.version")), architecture=arch,
         name=name if isinstance(name, str) else None, quant=quant, n_layer=n_layer, n_head=n_head,
         n_head_kv=max(kv_l), n_head_kv_per_layer=tuple(kv_l), n_embd=n_embd, head_dim_k=key_len,
         head_dim_v=value_len, context_length=ctx[0] if ctx else None,
         sliding_window=window[0] if window and window[0] > 0 else None,
-        chat_template=template if isinstance(template, str) else None, tensor_count=len(reader.tensors))
+        chat_template=template if isinstance(template, str) else None, tensor_count=len(reader.tensors),
+        windowed_layers=windowed)
+
+
+def _windowed_layers(reader, arch: str, n_layer: int) -> tuple[int, ...]:
+    """The windowed layers of a sliding-window model: the GGUF's per-layer pattern (true: windowed), or every
+    n-th layer global for a pattern n (the GGUF's, else llama.cpp's default for the architecture)."""
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, (list, tuple, np.ndarray)) and len(pattern) == n_layer:
+        return tuple(il for il in range(n_layer) if bool(pattern[il]))
+    n = _ints(pattern) if pattern is not None else None
+    every = n[0] if n and n[0] > 0 else SWA_PATTERNS.get(arch)
+    if not every:  # a window over every layer (llama.cpp keeps it in one cache; nothing global to compress)
+        return tuple(range(n_layer))
+    return tuple(il for il in range(n_layer) if il % every < every - 1)

@@ -127,6 +127,12 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
 
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the model brings a chat template (a base model does not: llama.cpp would fall back to ChatML,
+        which such a model never saw)."""
+        return ll.llama_model_chat_template(self.ptr, None) is not None
+
     def chat_prompt(self, messages: list[dict], add_assistant: bool = True) -> str:
         """The model's own chat template applied to messages ({'role', 'content'})."""
         tmpl = ll.llama_model_chat_template(self.ptr, None)
