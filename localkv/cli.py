@@ -251,7 +251,8 @@ def memory(
         if compare:
             b = budget or 256
             names = list(available())
-            reports = mem.collect(model, names, b, tokens, **kw)
+            skipped: dict[str, str] = {}
+            reports = mem.collect(model, names, b, tokens, skipped=skipped, **kw)
         else:
             with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, None, gpu_layers) as eng:
                 reports = [eng.memory_report(tokens=tokens)]
@@ -264,6 +265,8 @@ def memory(
             return
         if compare:
             out.print(mem.compare_table(reports))
+            for name, why in skipped.items():
+                err.print(f"{name}: {why}", markup=False, highlight=False)
         else:
             out.print(mem.layer_table(reports[0]))
             out.print(mem.totals_table(reports[0]))
@@ -456,10 +459,11 @@ def models_info(
                   f"{info.context_length or 'unknown'}, chat template: {'yes' if info.chat_template else 'no'}")
         if info.windowed_layers:
             n_win = len(info.windowed_layers)
+            cells = info.window_cells()
             out.print(f"sliding window of {info.sliding_window} tokens in {n_win} of {info.n_layer} layers: they hold "
-                      f"{info.window_cells} cells each, compressed or not (f16 "
-                      f"{fmt_bytes(info.windowed_bytes(info.window_cells))} in all); the other "
-                      f"{info.n_layer - n_win} are compressed")
+                      f"the window and a ubatch ({cells} cells each compressed, f16 "
+                      f"{fmt_bytes(info.windowed_bytes(cells))} in all; {gguf_info.FULL_UBATCH} more with a full "
+                      f"cache's larger ubatches); the other {info.n_layer - n_win} layers are compressed")
         if not info.chat_template:
             out.print("no chat template: a base model; use `generate --raw` (plain completion), the chat refuses it")
         out.print(("KV cache per token of the full-attention layers: " if info.windowed_layers else "KV cache per token: ")

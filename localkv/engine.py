@@ -57,6 +57,7 @@ class LayerMemory:
     head_used: list[int] | None = None
     head_leaders: list[int] | None = None  # POD: per KV head, the layer it follows (-1: it leads or is alone)
     head_k_slots: list[int] | None = None  # POD: K slots per KV head (a follower's proximal ring)
+    windowed: bool = False  # a sliding-window model's windowed layer: upstream's window of `capacity` cells
 
 
 @dataclass
@@ -76,6 +77,7 @@ class MemoryReport:
     kv_stats_bytes: int
     compute_bytes: int
     layers: list[LayerMemory] = field(default_factory=list)
+    kv_bytes_windowed: int = 0  # of kv_bytes_allocated: a sliding-window model's windowed layers (their window)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -727,10 +729,17 @@ class Engine:
             kv_bytes_full_f16=self.full_bytes(n, "f16"), kv_bytes_full_q8_0=self.full_bytes(n, "q8_0"),
             kv_bytes_full_q4_0=self.full_bytes(n, "q4_0"),
             kv_stats_bytes=capi.stats_bytes(self.ctx) if self.compressing else 0,
-            compute_bytes=capi.compute_bytes(self.ctx), layers=self._layer_memory())
+            compute_bytes=capi.compute_bytes(self.ctx), layers=self._layer_memory(),
+            kv_bytes_windowed=sum(kb + vb for _il, _cells, kb, vb in capi.windowed_layers(self.ctx)))
 
     def _layer_memory(self) -> list[LayerMemory]:
-        """Each cached layer's K and V bytes now; compressed: what its heads keep and hold (POD: and share)."""
+        """Each cached layer's K and V bytes now, in layer order; compressed: what its heads keep and hold (POD: and
+        share); a sliding-window model's windowed layers: their window of cells, as upstream keeps them."""
+        windowed = [LayerMemory(layer=il, k_bytes=kb, v_bytes=vb, capacity=cells, windowed=True)
+                    for il, cells, kb, vb in capi.windowed_layers(self.ctx)]
+        return sorted(self._cached_layer_memory() + windowed, key=lambda lm: lm.layer)
+
+    def _cached_layer_memory(self) -> list[LayerMemory]:
         if not self.compressing:
             return [LayerMemory(layer=il, k_bytes=kb, v_bytes=vb) for il, kb, vb in self.kv_layers]
         pod = capi.pod_state(self.ctx) if self.pod else None

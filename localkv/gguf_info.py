@@ -30,9 +30,10 @@ SLOT_PAD = 32
 PREFILL_BUDGET = 4096
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 CONTEXTS = (4096, 16384, 32768)
-# a windowed layer holds its window and one ubatch (the engine's 256-token chunks), padded to 256 cells: llama.cpp's
-# SWA cache, as llama-server and localkv size it
-WINDOW_UBATCH = 256
+# a windowed layer holds its window and one ubatch, padded to 256 cells (llama.cpp's SWA cache, as llama-server and
+# localkv size it): ubatches of 512 with a full cache (llama-server's default, localkv's), of 256 compressed
+FULL_UBATCH = 512
+COMPRESSED_UBATCH = 256
 WINDOW_PAD = 256
 # which layers of a sliding-window architecture are windowed when the GGUF does not say
 # ({arch}.attention.sliding_window_pattern): every n-th layer attends to everything (llama.cpp's defaults)
@@ -107,10 +108,9 @@ class ModelFile:
     tensor_count: int
     windowed_layers: tuple[int, ...] = ()  # layers that attend only to the window (kept as upstream keeps them)
 
-    @property
-    def window_cells(self) -> int:
+    def window_cells(self, ubatch: int = COMPRESSED_UBATCH) -> int:
         """Cells a windowed layer holds: its window and one ubatch, padded as llama.cpp pads its SWA cache."""
-        return -(-((self.sliding_window or 0) + WINDOW_UBATCH) // WINDOW_PAD) * WINDOW_PAD
+        return -(-((self.sliding_window or 0) + ubatch) // WINDOW_PAD) * WINDOW_PAD
 
     def _bytes_per_token(self, layers, cache_type: str) -> int:
         block, size = type_size(cache_type)
@@ -123,12 +123,12 @@ class ModelFile:
         windowed = set(self.windowed_layers)
         return self._bytes_per_token([il for il in range(self.n_layer) if il not in windowed], cache_type)
 
-    def windowed_bytes(self, tokens: int, cache_type: str = "f16") -> int:
+    def windowed_bytes(self, tokens: int, cache_type: str = "f16", ubatch: int = COMPRESSED_UBATCH) -> int:
         """What the windowed layers hold after `tokens`: at most their window of cells, compressed or not."""
-        return self._bytes_per_token(self.windowed_layers, cache_type) * min(tokens, self.window_cells)
+        return self._bytes_per_token(self.windowed_layers, cache_type) * min(tokens, self.window_cells(ubatch))
 
     def full_bytes(self, tokens: int, cache_type: str = "f16") -> int:
-        return self.kv_bytes_per_token(cache_type) * tokens + self.windowed_bytes(tokens, cache_type)
+        return self.kv_bytes_per_token(cache_type) * tokens + self.windowed_bytes(tokens, cache_type, FULL_UBATCH)
 
     def compressed_bytes(self, budget: int, cache_type: str = "f16", tokens: int | None = None) -> int:
         """KV bytes a compressed cache holds at rest after `tokens` (default: more than the budget): what it
@@ -136,7 +136,7 @@ class ModelFile:
         a sliding-window model's windowed layers, which keep their window)."""
         kept = budget if tokens is None else min(budget, tokens)
         return (self.kv_bytes_per_token(cache_type) * (-(-(kept + HEADROOM) // SLOT_PAD) * SLOT_PAD)
-                + self.windowed_bytes(tokens if tokens is not None else self.window_cells, cache_type))
+                + self.windowed_bytes(tokens if tokens is not None else self.window_cells(), cache_type))
 
     def savings(self, budget: int, contexts: tuple[int, ...] = CONTEXTS) -> list[dict[str, Any]]:
         """Per context length: full caches in f16, q8_0 and q4_0 against a compressed f16 cache of `budget`.

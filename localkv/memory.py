@@ -45,14 +45,16 @@ def layer_table(rep: MemoryReport) -> Table:
     t = Table(title=title)
     uneven = uneven_heads(rep)
     pod = any(lm.head_leaders for lm in rep.layers)
-    for col in ("layer", "K", "V", "tokens/head") + (("tokens per KV head",) if uneven else ()) + \
-            (("POD role per KV head",) if pod else ()):
+    windowed = any(lm.windowed for lm in rep.layers)
+    for col in ("layer",) + (("kind",) if windowed else ()) + ("K", "V", "tokens/head") + \
+            (("tokens per KV head",) if uneven else ()) + (("POD role per KV head",) if pod else ()):
         t.add_column(col, justify="right")
     for lm in rep.layers:
-        row = [str(lm.layer), fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes),
-               str(lm.capacity if lm.capacity is not None else rep.ctx)]
+        row = [str(lm.layer)] + ([("windowed" if lm.windowed else "compressed" if rep.budget else "full")]
+                                 if windowed else [])
+        row += [fmt_bytes(lm.k_bytes), fmt_bytes(lm.v_bytes), str(lm.capacity if lm.capacity is not None else rep.ctx)]
         if uneven:
-            row.append(" ".join(str(c) for c in lm.head_capacities or []))
+            row.append(" ".join(str(c) for c in lm.head_capacities or []) if not lm.windowed else "")
         if pod:
             row.append("  ".join(pod_role(rep, lm, h) for h in range(len(lm.head_leaders or []))))
         t.add_row(*row)
@@ -66,6 +68,11 @@ def layer_table(rep: MemoryReport) -> Table:
         heads = sum(len(lm.head_capacities or []) for lm in rep.layers)
         t.caption = (f"heads keep different numbers of tokens: {kept} in all = {kept / heads:g} per KV head on "
                      f"average over {heads} (layer, KV head)s; tokens/head is each layer's largest")
+    if windowed:
+        n = sum(lm.windowed for lm in rep.layers)
+        t.caption = ((t.caption + "\n") if t.caption else "") + (
+            f"{n} windowed layers hold their sliding window of cells (tokens/head), as upstream keeps them; "
+            f"{len(rep.layers) - n} full-attention layers are " + ("compressed" if rep.budget else "full"))
     return t
 
 
@@ -80,6 +87,8 @@ def totals_table(rep: MemoryReport) -> Table:
         t.add_row(name, fmt_bytes(val), f"{val / full:.1%}" if full else "-")
     if rep.kv_bytes_prefill != rep.kv_bytes_allocated:
         t.add_row("while a prompt goes in", fmt_bytes(rep.kv_bytes_prefill), f"{rep.kv_bytes_prefill / full:.1%}")
+    if rep.kv_bytes_windowed:
+        t.add_row("of which windowed layers", fmt_bytes(rep.kv_bytes_windowed), f"{rep.kv_bytes_windowed / full:.1%}")
     if rep.kv_stats_bytes:
         t.add_row("statistics buffers", fmt_bytes(rep.kv_stats_bytes), f"{rep.kv_stats_bytes / full:.1%}")
     t.add_row("compute buffers", fmt_bytes(rep.compute_bytes), "")
@@ -97,15 +106,22 @@ def compare_table(reports: list[MemoryReport]) -> Table:
     return t
 
 
-def collect(model: str | None, policies: list[str], budget: int | None, tokens: int, **engine_kw) -> list[MemoryReport]:
-    """A real context per policy (budget for the compressing ones), each reported for `tokens` tokens."""
+def collect(model: str | None, policies: list[str], budget: int | None, tokens: int, skipped: dict | None = None,
+            **engine_kw) -> list[MemoryReport]:
+    """A real context per policy (budget for the compressing ones), each reported for `tokens` tokens. With
+    `skipped`, a policy that cannot compress this model is left out, its one-line reason recorded there."""
     from .engine import Engine
     out = []
     for name in policies:
         full = name == "full"
-        with Engine(model, policy=name, budget=None if full else budget, ctx=tokens if full else None,
-                    **engine_kw) as eng:
-            out.append(eng.memory_report(tokens=tokens))
+        try:
+            with Engine(model, policy=name, budget=None if full else budget, ctx=tokens if full else None,
+                        **engine_kw) as eng:
+                out.append(eng.memory_report(tokens=tokens))
+        except LocalkvError as e:
+            if skipped is None or full:
+                raise
+            skipped[name] = str(e)
     return out
 
 
