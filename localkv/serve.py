@@ -321,8 +321,8 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
                                f"leave it out (got {_show(body[name])})", code="unsupported_parameter", param=name)
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
-        raise RequestError(f"only one choice per request is supported ('n' must be 1, got {_show(n)})", param="n",
-                           code="unsupported_parameter")
+        raise RequestError(f"several choices per request are not supported: 'n' must be 1, got {_show(n)}",
+                           param="n", code="unsupported_parameter")
 
 
 def parse_request(body: Any, kind: str, default: CacheKey, model_id: str, default_max_tokens: int,
@@ -753,6 +753,9 @@ class Server:
             record.update(done["record"])
             job.emit(("done", done))
         except Interrupted:  # the prompt was stopped between two chunks and rolled back
+            with self._lock:
+                read = (self._current or {}).get("prompt_tokens_read")
+            record.update(prompt_tokens=job.prepared.prompt_tokens if job.prepared else None, prompt_tokens_read=read)
             if job.cancelled.is_set() or not self.closing.is_set():
                 record["finish_reason"] = "cancelled"
                 record["cancelled"] = "prefill"

@@ -4,6 +4,7 @@ The request checks and the stop-sequence filter are also tested directly (no mod
 """
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from localkv.serve import CacheKey, RequestError, StopFilter, cache_key, parse_request
+from localkv.serve import CacheKey, Profiles, RequestError, StopFilter, cache_key, parse_request
 
 MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 BUDGET = 128
@@ -88,6 +89,129 @@ def test_bad_requests_are_refused_with_a_reason(body, words):
         parse_request(body, "chat", DEFAULT, MODEL, 16)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert 400 <= e.value.status < 500 and e.value.body()["error"]["type"] == "invalid_request_error"
+
+
+# hostile policy arguments: each is a 400 that names the argument (the engine never sees it)
+HOSTILE = [
+    ({"policy": "pyramidkv", "budget": 28, "policy_args": {"sinks": "-5"}}, "sinks"),  # was an endless loop
+    ({"policy": "pyramidkv", "budget": 128, "policy_args": {"beta": 0}}, "beta"),       # divided by zero
+    ({"policy": "surfacelogickv", "budget": 128, "policy_args": {"beta": float("nan")}}, "beta"),
+    ({"policy": "snapkv", "budget": 128, "policy_args": {"window": 1e30}}, "window"),
+    ({"policy": "snapkv", "budget": 128, "policy_args": {"kernel": -7}}, "kernel"),
+    ({"policy": "h2o", "budget": 128, "policy_args": {"recent_ratio": float("inf")}}, "recent_ratio"),
+    ({"policy": "ahakv", "budget": 128, "policy_args": {"r": 10 ** 30}}, "r"),
+    ({"policy": "kvzip", "budget": 128, "policy_args": {"replay_chunk": "lots"}}, "replay_chunk"),
+    ({"policy": "pod+snapkv", "budget": 512, "policy_args": {"kernel": 0}}, "kernel"),
+    ({"policy": "pod", "budget": 128, "policy_args": {"profile": "/dev/zero"}}, "profile"),  # never read
+    ({"policy": "surfacelogickv", "budget": 128, "policy_args": {"profile": "/etc/passwd"}}, "profile"),
+]
+
+
+@pytest.mark.parametrize("extra, arg", HOSTILE, ids=[f"{e['policy']}-{a}" for e, a in HOSTILE])
+def test_hostile_policy_arguments_are_400s_naming_the_argument(extra, arg):
+    with pytest.raises(RequestError) as e:
+        parse_request(_chat(localkv=extra), "chat", DEFAULT, MODEL, 16)
+    assert e.value.status == 400 and e.value.param == f"localkv.policy_args.{arg}", e.value.body()
+    assert arg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_policy_without_its_calibrated_profile_is_a_400_naming_the_command():
+    nowhere = Profiles("0" * 64, "my-model")  # a model no profile was calibrated for
+    for extra, kind in [({"policy": "surfacelogickv"}, "surfacelogickv"), ({"policy": "pod"}, "pod"),
+                        ({"policy": "pod", "policy_args": {"protect": 2}}, "pod"),
+                        ({"policy": "pod+snapkv"}, "pod")]:
+        with pytest.raises(RequestError) as e:
+            parse_request(_chat(localkv={"budget": 512, **extra}), "chat", DEFAULT, MODEL, 16, profiles=nowhere)
+        assert e.value.status == 400 and e.value.code == "profile_missing"
+        assert f"localkv calibrate --policy {kind} --model my-model" in str(e.value)
+    # a policy that needs no profile is not asked about one
+    parse_request(_chat(localkv={"policy": "snapkv", "budget": 128}), "chat", DEFAULT, MODEL, 16, profiles=nowhere)
+
+
+@pytest.mark.model
+def test_the_default_models_shipped_profiles_are_found(model_path):
+    from localkv import models
+    here = Profiles(models.file_sha256(model_path), MODEL)
+    for extra in ({"policy": "surfacelogickv"}, {"policy": "pod"}, {"policy": "pod", "policy_args": {"protect": 2}}):
+        parse_request(_chat(localkv={"budget": 128, **extra}), "chat", DEFAULT, MODEL, 16, profiles=here)
+
+
+def test_the_servers_own_profile_argument_stays_and_a_request_cannot_name_one():
+    served = CacheKey("pod", 128, (("profile", "/srv/pod.json"),))
+    nowhere = Profiles("0" * 64, "m")
+    key, _ = cache_key({"policy_args": {"delta": 0.5}}, served, nowhere)  # the server's file: no profile lookup
+    assert dict(key.policy_args) == {"delta": "0.5", "profile": "/srv/pod.json"}
+    assert cache_key(None, served, nowhere)[0] == served
+    with pytest.raises(RequestError, match="names a file on the server") as e:
+        cache_key({"policy_args": {"profile": "/srv/pod.json"}}, served, nowhere)
+    assert e.value.param == "localkv.policy_args.profile"
+    # a number sent as 2.0 for an integer argument is the integer (one cache for both)
+    assert cache_key({"policy_args": {"window": 16.0}}, DEFAULT)[0].policy_args == (("window", "16"),)
+
+
+UNSUPPORTED_CHAT = [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"tool_choice": "required"},
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+    {"logprobs": True},
+    {"top_logprobs": 2},
+    {"frequency_penalty": 0.5},
+    {"presence_penalty": -1},
+    {"logit_bias": {"15": 100}},
+    {"audio": {"voice": "alloy", "format": "wav"}},
+    {"modalities": ["text", "audio"]},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}]},
+]
+
+
+@pytest.mark.parametrize("fields", UNSUPPORTED_CHAT, ids=lambda f: next(iter(f)))
+def test_fields_the_server_does_not_implement_are_refused_not_dropped(fields):
+    with pytest.raises(RequestError) as e:
+        parse_request(_chat(**fields), "chat", DEFAULT, MODEL, 16)
+    assert e.value.status == 400 and e.value.code == "unsupported_parameter"
+    assert "not implemented" in str(e.value) and e.value.param.split("[")[0].split(".")[0] in fields
+
+
+@pytest.mark.parametrize("fields", [{"echo": True}, {"best_of": 3}, {"suffix": "}"}, {"logprobs": 1}, {"n": 2},
+                                    {"frequency_penalty": 1}], ids=lambda f: next(iter(f)))
+def test_completion_fields_the_server_does_not_implement_are_refused(fields):
+    with pytest.raises(RequestError) as e:
+        parse_request({"prompt": "x", **fields}, "completion", DEFAULT, MODEL, 16)
+    assert e.value.status == 400 and e.value.code == "unsupported_parameter" and e.value.param in fields
+
+
+def test_fields_that_ask_for_nothing_are_accepted():
+    req = parse_request(_chat(tools=[], tool_choice="none", response_format={"type": "text"}, logprobs=False,
+                              top_logprobs=0, frequency_penalty=0, presence_penalty=0.0, logit_bias={}, n=1,
+                              modalities=["text"], user="u1", top_p=0.5, max_completion_tokens=9),
+                        "chat", DEFAULT, MODEL, 16)
+    assert req.top_p == 0.5 and req.max_tokens == 9 and req.max_tokens_param == "max_completion_tokens"
+    parse_request({"prompt": "x", "echo": False, "best_of": 1, "suffix": "", "logprobs": None}, "completion",
+                  DEFAULT, MODEL, 16)
+    req = parse_request(_chat(stream_options={"include_usage": True}), "chat", DEFAULT, MODEL, 16)
+    assert not req.include_usage and req.max_tokens_param is None  # usage chunks only in a stream
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"top_p": 0}, "'top_p'"), ({"top_p": 1.5}, "'top_p'"), ({"top_p": "high"}, "'top_p'"),
+    ({"temperature": float("nan")}, "'temperature'"), ({"n": True}, "'n' must be 1"),
+    ({"stop": ["x" * 300]}, "'stop'"), ({"messages": [{"role": "user", "content": "\ud800"}]}, "Unicode"),
+    ({"stream_options": {"include_usage": "yes"}}, "'stream_options'"),
+])
+def test_more_malformed_fields(fields, words):
+    with pytest.raises(RequestError) as e:
+        parse_request(_chat(**fields), "chat", DEFAULT, MODEL, 16)
+    assert words in str(e.value) and e.value.status == 400
+
+
+def test_serve_flags_out_of_range_are_one_line():
+    for flag, words in ((["--queue", "0"], "--queue must be at least 1"),
+                        (["--max-body", "10"], "--max-body must be at least 1024")):
+        p = subprocess.run([sys.executable, "-m", "localkv.cli", "serve", "--port", "0", *flag],
+                           capture_output=True, text=True, timeout=60)
+        lines = [line for line in p.stderr.splitlines() if line.strip()]
+        assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
 
 
 def test_per_request_cache_key_over_the_server_defaults():
@@ -397,3 +521,273 @@ def test_pool_caches_share_one_loaded_model():
     finally:
         srv.close()
     assert all(e.model is None for e in engines)  # closed with the server, the shared model last
+
+
+# ------------------------------------------------------------ what the server refuses, and how it streams
+
+
+def _sse(url: str, body: dict, headers: dict | None = None) -> list:
+    """A streamed request's data events, parsed ('[DONE]' kept as a string)."""
+    import httpx
+    out = []
+    with httpx.stream("POST", url + "/chat/completions", json=body, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+    return out
+
+
+@pytest.mark.model
+def test_hostile_policy_arguments_get_a_400_naming_them_and_the_server_stays_up(server):
+    import httpx
+    for extra, arg in HOSTILE:
+        for stream in (False, True):  # a stream's refusal comes before it opens
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": stream, "localkv": extra}
+            r = httpx.post(server.url + "/chat/completions", timeout=30, content=json.dumps(body),  # NaN as JSON has it
+                           headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+            assert r.json()["error"]["param"] == f"localkv.policy_args.{arg}", r.json()
+    r = httpx.post(server.url + "/chat/completions", timeout=30, content=b"[" * 100000)  # nesting too deep
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    ok = server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens >= 1 and server.proc.poll() is None
+
+
+@pytest.mark.model
+def test_unsupported_fields_and_max_tokens_past_the_context_are_400s(server):
+    import openai
+    client = server.client()
+    msgs = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+    for kw in ({"tools": [tool]}, {"response_format": {"type": "json_object"}}, {"logprobs": True}, {"n": 2}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, **kw)
+        assert e.value.code == "unsupported_parameter" and "not" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=CTX + 1)
+    assert e.value.code == "context_length_exceeded" and "max_tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True)
+
+
+@pytest.mark.model
+def test_usage_comes_once_and_finish_reasons_are_openais(server):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    for include in (False, True):
+        body = {"messages": msgs, "max_tokens": 6, "temperature": 0, "stream": True}
+        if include:
+            body["stream_options"] = {"include_usage": True}
+        events = _sse(server.url, body)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finishes) == 1 and finishes[0] in ("stop", "length")
+        with_usage = [i for i, c in enumerate(chunks) if "usage" in c]
+        if include:  # one last chunk with no choices carries it
+            assert with_usage == [len(chunks) - 1] and chunks[-1]["choices"] == []
+            assert chunks[-1]["usage"]["completion_tokens"] >= 1
+        else:
+            assert with_usage == []
+    r = server.client().chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, temperature=0, top_p=0.5)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.total_tokens > 0
+
+
+@pytest.mark.model
+def test_health_and_stats_show_the_queue(server):
+    import httpx
+    h = httpx.get(server.url.rsplit("/v1", 1)[0] + "/health", timeout=30).json()
+    assert h == {"status": "ok", "queue": 0, "busy": False}
+    stats = server.stats()
+    assert stats["queue"]["depth"] == 0 and stats["queue"]["limit"] == 16 and stats["current"] is None
+    assert set(stats["cancelled"]) == {"queued", "prefill", "decode"}
+
+
+KEY = "test-key-1"
+ORIGIN = "http://app.example"
+GUARDED_CTX = 4096
+
+
+def long_prompt(tokens: int) -> str:
+    """About `tokens` tokens of the default model that no cache holds yet (~7 tokens a sentence)."""
+    tag = os.urandom(4).hex()
+    return f"Note {tag}. " + " ".join(f"item{i % 97} is {i % 13}." for i in range(tokens // 7)) + " Summarize."
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A server with an API key, one allowed origin, a queue of one and a small body cap."""
+    s = Served("--policy", "snapkv", "--budget", "256", "--ctx", str(GUARDED_CTX), "--threads", "2",
+               "--max-tokens", "16", "--api-key", KEY, "--cors", ORIGIN, "--queue", "1", "--max-body", "65536")
+    s.root = s.url.rsplit("/v1", 1)[0]
+    s.auth = {"Authorization": f"Bearer {KEY}"}
+    yield s
+    s.stop()
+
+
+def _stats(s) -> dict:
+    import httpx
+    return httpx.get(s.url + "/localkv/stats", headers=s.auth, timeout=30).json()
+
+
+def _wait_for(pred, timeout: float = 120, every: float = 0.05):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def _running(s, job: str) -> dict | None:
+    """What the worker reports about `job` while it runs it (None: it runs something else, or nothing)."""
+    cur = _stats(s)["current"]
+    return cur if cur and cur["id"] == job else None
+
+
+def _record(s, job: str, timeout: float = 120) -> dict:
+    return _wait_for(lambda: next((r for r in _stats(s)["recent"] if r["id"] == job), None), timeout, 0.1)
+
+
+@pytest.mark.model
+def test_api_key_is_required_everywhere_but_health(guarded):
+    import httpx
+    import openai
+    assert httpx.get(guarded.root + "/health", timeout=30).json()["status"] == "ok"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": "Basic " + KEY}):
+        for method, path in (("GET", "/models"), ("GET", "/localkv/stats"), ("POST", "/chat/completions"),
+                             ("GET", "/nowhere")):
+            r = httpx.request(method, guarded.url + path, headers=headers, timeout=30, json={})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=guarded.url, api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=guarded.url, api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.usage.completion_tokens >= 1
+
+
+@pytest.mark.model
+def test_cors_allows_the_named_origin_only(guarded):
+    import httpx
+    pre = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "authorization, content-type"}
+    r = httpx.options(guarded.url + "/chat/completions", headers=pre, timeout=30)  # no key needed for a preflight
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = httpx.options(guarded.url + "/chat/completions", headers={**pre, "Origin": "http://evil.example"}, timeout=30)
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = httpx.get(guarded.url + "/models", headers={"Origin": ORIGIN, **guarded.auth}, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(guarded.url + "/models", headers={"Origin": ORIGIN}, timeout=30)  # a browser can read the 401
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(guarded.url + "/models", headers={"Origin": "http://evil.example", **guarded.auth}, timeout=30)
+    assert "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.model
+def test_a_body_over_the_cap_is_413(guarded):
+    import httpx
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 70000}]}).encode()
+    r = httpx.post(guarded.url + "/chat/completions", content=body, timeout=30,
+                   headers={**guarded.auth, "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(20):
+            yield b"x" * 4096
+    r = httpx.post(guarded.url + "/chat/completions", content=chunks(), timeout=30, headers=guarded.auth)
+    assert r.status_code == 413
+
+
+@pytest.mark.model
+def test_stream_opens_at_once_and_a_client_gone_during_prefill_frees_the_worker(guarded):
+    import httpx
+    prompt = long_prompt(3500)  # about 30 s of prefill on 2 cores if nobody stopped it
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "stream": True}
+    t0 = time.monotonic()
+    with httpx.stream("POST", guarded.url + "/chat/completions", json=body, headers=guarded.auth, timeout=120) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        opened = time.monotonic() - t0
+        chunk = json.loads(first[6:])
+        job = chunk["id"]
+        assert chunk["choices"][0]["delta"]["role"] == "assistant"
+        # the worker is reading the prompt (or about to): the stream opened before the prefill finished
+        cur = _wait_for(lambda: _running(guarded, job))
+        assert cur["phase"] == "prefill" and cur["prompt_tokens"] > 3000
+        time.sleep(0.3)
+    gone = time.monotonic()  # the connection is closed here
+    rec = _record(guarded, job)
+    freed = time.monotonic() - gone
+    assert rec["finish_reason"] == "cancelled" and rec["cancelled"] == "prefill", rec
+    assert rec["prompt_tokens_read"] is None or rec["prompt_tokens_read"] < rec["prompt_tokens"] / 2, rec
+    assert freed < 20 and opened < 5, (freed, opened)
+    client_t = time.monotonic()
+    r = httpx.post(guarded.url + "/chat/completions", headers=guarded.auth, timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and time.monotonic() - client_t < 30
+
+
+@pytest.mark.model
+def test_a_non_streamed_client_gone_during_prefill_stops_it(guarded):
+    host, port = guarded.root.split("//")[1].rsplit(":", 1)
+    data = json.dumps({"messages": [{"role": "user", "content": long_prompt(3500)}], "max_tokens": 8}).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+    cur = _wait_for(lambda: _stats(guarded)["current"])  # an idle server: the job it runs is this one
+    sock.close()
+    rec = _record(guarded, cur["id"])
+    assert rec["cancelled"] == "prefill" and rec["finish_reason"] == "cancelled", rec
+    assert rec["prompt_tokens_read"] is None or rec["prompt_tokens_read"] < rec["prompt_tokens"] / 2, rec
+
+
+@pytest.mark.model
+def test_a_full_queue_is_503_with_retry_after(guarded):
+    import httpx
+    # A runs (a long reply), B waits (the queue holds one), C is refused
+    body_a = {"messages": [{"role": "user", "content": "Count from 1 to 500."}], "max_tokens": 400, "stream": True,
+              "localkv": {"ignore_eos": True}}
+    results = {}
+
+    def ask_b():
+        results["b"] = httpx.post(guarded.url + "/chat/completions", headers=guarded.auth, timeout=120,
+                                  json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+
+    with httpx.stream("POST", guarded.url + "/chat/completions", json=body_a, headers=guarded.auth, timeout=120) as a:
+        job = json.loads(next(line for line in a.iter_lines() if line.startswith("data: "))[6:])["id"]
+        _wait_for(lambda: _running(guarded, job))
+        b = threading.Thread(target=ask_b)
+        b.start()
+        _wait_for(lambda: httpx.get(guarded.root + "/health", timeout=30).json()["queue"] == 1)
+        c = httpx.post(guarded.url + "/chat/completions", headers=guarded.auth, timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert c.status_code == 503 and c.json()["error"]["code"] == "server_busy", c.text
+        assert int(c.headers["retry-after"]) >= 1
+        h = httpx.get(guarded.root + "/health", timeout=30).json()
+        assert h == {"status": "ok", "queue": 1, "busy": True}
+        q = _stats(guarded)["queue"]
+        assert q["depth"] == 1 and q["limit"] == 1 and q["refused_busy"] >= 1
+    b.join(120)  # A's client left: A stops at its next token, B runs
+    assert results["b"].status_code == 200
+    assert _record(guarded, job)["cancelled"] in ("prefill", "decode")  # A stopped (on a busy machine, still reading)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_serve_under_load_small():
+    """scripts/serve_load.py at 8 clients for 10 s (the README's numbers are its 32-client, 60 s run)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "serve_load.py")
+    p = subprocess.run([sys.executable, script, "--clients", "8", "--seconds", "10", "--warmup", "4", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    result = json.loads(p.stdout)
+    assert p.returncode == 0 and result["problems"] == [], (result["problems"], result["failures"], p.stderr[-2000:])
+    good = sum(c.get("ok", 0) for k, c in result["counts"].items() if k.startswith("good"))
+    assert good >= 5 and not any(int(s) >= 500 for s in result["statuses"])
+    assert result["answers_after"] and abs(result["rss_delta_mib"]) <= 50
