@@ -76,6 +76,7 @@ _SIGNATURES = {
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
     "llama_localkv_set_hidden": (c_int32, [c_void_p, c_int32, c_int32]),
+    "llama_localkv_set_replay": (c_int32, [c_void_p, c_int32]),
     "llama_localkv_cache_state": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32), c_size_t]),
     "llama_localkv_get_positions": (c_int32, [c_void_p, c_int32, POINTER(c_int32), c_size_t]),
     "llama_localkv_get_stat": (c_int32, [c_void_p, c_int32, c_int32, c_bool, POINTER(c_float), c_size_t]),
@@ -215,6 +216,12 @@ def clear_stat(ctx, stat: int) -> None:
 def set_hidden(ctx, p0: int = 0, p1: int = 0) -> None:
     """Hide positions [p0, p1) from the queries of the next decodes (attention and statistics); p0 >= p1: none."""
     _check("set_hidden", lib.llama_localkv_set_hidden(ctx, int(p0), int(p1)))
+
+
+def set_replay(ctx, on: bool) -> None:
+    """A replay starts (True) or ends (False): a sliding-window model's windowed layers are set aside and given
+    back as they were, so the replay never reaches their window."""
+    _check("set_replay", lib.llama_localkv_set_replay(ctx, int(bool(on))))
 
 
 def set_pod(ctx, leaders, n_sink: int, n_recent: int) -> None:

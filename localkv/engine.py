@@ -142,7 +142,7 @@ class Engine:
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         _check_arguments(chunk, gpu_layers, ctx)
         self._load_model(model, shared_model, gpu_layers, progress)
-        if conversation and not isinstance(policy, policies.Policy) and not self.shape.n_swa:
+        if conversation and not isinstance(policy, policies.Policy):
             self.policy = policies.create(policy, policies.conversation_args(policy, policy_args or {}))
         self._check_windowed()
         self.plan: CachePlan = plan_cache(self.policy, self.shape, budget=budget, prefill_budget=prefill_budget,
@@ -177,10 +177,6 @@ class Engine:
         if self.pod:
             raise LocalkvError(f"policy {self.policy.name} cannot compress {name}: POD shares attention between "
                                "consecutive layers, and this model's full-attention layers have windowed ones between them")
-        if self.policy.reconstructs:
-            raise LocalkvError(f"policy {self.policy.name} cannot compress {name}: its replay of the prompt would "
-                               "push the real recent tokens out of the windowed layers' window (use replay=false, or "
-                               "snapkv, ahakv, h2o, pyramidkv, surfacelogickv)")
 
     def _load_model(self, model: str | None, shared_model: Model | None, gpu_layers: int, progress) -> None:
         if shared_model is not None:
@@ -523,6 +519,7 @@ class Engine:
         replay = (prefix if prefix is not None else self.conversation.replay_prefix()) + span
         self.cache.grow(len(replay))
         n_batch = self.plan.n_batch
+        capi.set_replay(self.ctx, True)  # a sliding-window model's windowed layers are given back as they are now
         capi.set_hidden(self.ctx, min(self.policy.sinks, start), start)
         capi.set_stats(self.ctx, {capi.STAT_MAX}, n_batch, query_heads=self.policy.query_heads)
         self._stats_phase = None
@@ -531,6 +528,7 @@ class Engine:
                 self._tick(0)
                 self._run_batch(replay[i:i + n_batch], self.n_past + i, False)
         finally:
+            capi.set_replay(self.ctx, False)
             capi.set_hidden(self.ctx, 0, 0)
             capi.set_stats(self.ctx, set(), query_heads=self.policy.query_heads)
             if not ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, self.n_past, -1):

@@ -77,6 +77,13 @@ class ModelShape:
     n_swa: int = 0  # the sliding window of a model whose layers mix windowed and full attention (0: none)
 
 
+def plain_transcript(messages: list[dict], add_assistant: bool = True) -> str:
+    """Messages as plain text for a model without a chat template: each turn under a heading, the reply's heading
+    last (a prefix of the transcript with more turns, so a conversation continues after it)."""
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_assistant else "")
+
+
 class Model:
     """A loaded GGUF model (llama_model*)."""
 
@@ -134,8 +141,11 @@ class Model:
         return ll.llama_model_chat_template(self.ptr, None) is not None
 
     def chat_prompt(self, messages: list[dict], add_assistant: bool = True) -> str:
-        """The model's own chat template applied to messages ({'role', 'content'})."""
+        """The model's own chat template applied to messages ({'role', 'content'}). A model without one (a base
+        model) gets a plain transcript to complete, not llama.cpp's ChatML fallback it never saw."""
         tmpl = ll.llama_model_chat_template(self.ptr, None)
+        if tmpl is None:
+            return plain_transcript(messages, add_assistant)
         arr = (ll.llama_chat_message * len(messages))()
         keep = []  # the bytes must outlive the call
         for i, m in enumerate(messages):
@@ -148,10 +158,8 @@ class Model:
         if n > size:
             buf = ctypes.create_string_buffer(n)
             n = ll.llama_chat_apply_template(tmpl, arr, len(messages), add_assistant, buf, n)
-        if n < 0:
-            # no usable template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-            return text + ("assistant: " if add_assistant else "")
+        if n < 0:  # a template llama.cpp cannot apply
+            return plain_transcript(messages, add_assistant)
         return buf.raw[:n].decode("utf-8", errors="replace")
 
     def close(self) -> None:

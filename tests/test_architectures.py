@@ -183,3 +183,22 @@ def test_windowed_layers_wrap_their_window_as_upstreams_do(model_file):
         cells = capi.windowed_layers(eng.ctx)[0][1]
         assert cells == 256  # the window (128) and a ubatch (64), padded as upstream pads it
         assert res.kv_bytes_allocated < eng.full_bytes(eng.n_past, "f16")
+
+
+def test_a_replay_leaves_the_windowed_layers_as_they_were(model_file):
+    """KVzip replays every span of the prompt after reading it: on a sliding-window model its windowed layers are
+    set aside for the replay and given back, so with a budget holding the whole prompt the logits stay upstream's
+    (within the rounding of other ubatch boundaries) and the greedy reply is the same. Were the replay's tokens
+    left in the window, the logits would be another model's."""
+    path = model_file("gemma3")
+    text = " ".join(f"Entry {i}: the tide was low and the boats stayed in." for i in range(8))
+    out = []
+    for kw in ({}, {"policy": "kvzip", "budget": 2048, "policy_args": {"replay_chunk": "128"}},
+               {"policy": "snapkv", "budget": 2048, "policy_args": {"replay": "true"}}):
+        with make_engine(path, chunk=64, ctx=2048, **kw) as eng:
+            res = eng.generate(text, max_tokens=12, temperature=0, chat=False, ignore_eos=True)
+            assert eng.replays >= (1 if kw else 0) and (kw.get("policy") != "kvzip" or eng.replays >= 2)
+            out.append((res.text, _logits(eng)))
+    for text_, logits in out[1:]:
+        assert text_ == out[0][0]
+        np.testing.assert_allclose(logits, out[0][1], atol=2e-2)

@@ -215,6 +215,13 @@ extern "C" {
     // tokens are hidden every KV head attends on its own (one call per head).
     LLAMA_API int32_t llama_localkv_set_hidden(struct llama_context * ctx, int32_t p0, int32_t p1);
 
+    // A replay starts (on != 0) or ends (on = 0). A sliding-window model's
+    // windowed layers are set aside when it starts and given back as they were
+    // when it ends, so what is decoded in between never reaches their window
+    // (the caller then removes the replay's positions with seq_rm). Nothing
+    // changes for a model without windowed layers. Returns 0 or an error.
+    LLAMA_API int32_t llama_localkv_set_replay(struct llama_context * ctx, int32_t on);
+
     // POD (cross-layer attention sharing for distant tokens). leader[k], in the
     // per-head order, is -1 or the (earlier) cached layer whose same KV head the
     // k-th (layer, KV head) follows; a leader follows no one, and a follower has

@@ -5,6 +5,7 @@
 
 #include "llama-batch.h"
 #include "llama-impl.h"
+#include "llama-io.h"
 #include "llama-kv-cache.h"
 #include "llama-model.h"
 
@@ -483,9 +484,60 @@ void llama_kv_cache_compressed::write_ubatch(const llama_ubatch & ubatch) {
     }
 }
 
+// the windowed cache's state (upstream's own serialization) written to and read from host memory
+namespace {
+struct windowed_state_writer : llama_io_write_i {
+    std::vector<uint8_t> & buf;
+    explicit windowed_state_writer(std::vector<uint8_t> & buf) : buf(buf) {}
+    void write(const void * src, size_t size) override {
+        buf.insert(buf.end(), (const uint8_t *) src, (const uint8_t *) src + size);
+    }
+    void write_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
+        const size_t at = buf.size();
+        buf.resize(at + size);
+        ggml_backend_tensor_get(tensor, buf.data() + at, offset, size);
+    }
+    size_t n_bytes() override { return buf.size(); }
+};
+
+struct windowed_state_reader : llama_io_read_i {
+    const std::vector<uint8_t> & buf;
+    size_t at = 0;
+    explicit windowed_state_reader(const std::vector<uint8_t> & buf) : buf(buf) {}
+    void read(void * dst, size_t size) override {
+        GGML_ASSERT(at + size <= buf.size());
+        memcpy(dst, buf.data() + at, size);
+        at += size;
+    }
+    void read_tensor(ggml_tensor * tensor, size_t offset, size_t size) override {
+        GGML_ASSERT(at + size <= buf.size());
+        ggml_backend_tensor_set(tensor, buf.data() + at, offset, size);
+        at += size;
+    }
+    size_t n_bytes() override { return at; }
+};
+} // namespace
+
 void llama_kv_cache_compressed::set_hidden(llama_pos p0, llama_pos p1) {
     hide_p0 = p0;
     hide_p1 = p1;
+}
+
+void llama_kv_cache_compressed::set_replay(bool on) {
+    if (!windowed || on == in_replay) {
+        return;
+    }
+    if (on) {
+        windowed_saved.clear();
+        windowed_state_writer io(windowed_saved);
+        windowed->state_write(io);
+    } else {
+        windowed_state_reader io(windowed_saved);
+        windowed->state_read(io); // clears the cache first: the replay's cells go with it
+        windowed_saved.clear();
+        windowed_saved.shrink_to_fit();
+    }
+    in_replay = on;
 }
 
 //

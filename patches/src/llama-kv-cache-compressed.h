@@ -244,6 +244,11 @@ public:
     // hide positions [p0, p1) from the next ubatches' queries (p0 >= p1: none)
     void set_hidden(llama_pos p0, llama_pos p1);
 
+    // a replay (KVzip) starts or ends: a sliding-window model's windowed cache is set aside when it starts and
+    // given back as it was when it ends, so the replay's tokens never push the real recent tokens out of the
+    // window (the caller synchronizes first). Nothing to do for a model without windowed layers.
+    void set_replay(bool on);
+
     // POD: leader[k] per (layer, KV head) (-1 or an earlier cached layer whose same head leads), the sinks and
     // the recent ring of the followers; only on an empty cache (reallocates the buffers). All -1: POD off.
     int32_t set_pod(const int32_t * leader, int32_t n, uint32_t n_sink, uint32_t n_recent, std::string & err);
@@ -357,6 +362,8 @@ private:
 
     llama_pos hide_p0 = 0; // positions [hide_p0, hide_p1) are hidden from the queries
     llama_pos hide_p1 = 0;
+    bool in_replay = false;
+    std::vector<uint8_t> windowed_saved; // the windowed cache as it was when the replay started (upstream's format)
 
     // POD: a follower keeps K for its first pod_n_sink tokens and a ring of the pod_n_recent latest
     uint32_t pod_n_sink   = 0;

@@ -362,6 +362,14 @@ int32_t llama_localkv_set_hidden(llama_context * ctx, int32_t p0, int32_t p1) {
     });
 }
 
+int32_t llama_localkv_set_replay(llama_context * ctx, int32_t on) {
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ALLOC, [&](llama_kv_cache_compressed & kv) -> int32_t {
+        localkv_flush(ctx, kv); // the windowed cache is saved or restored: nothing may still be writing to it
+        kv.set_replay(on != 0);
+        return LLAMA_LOCALKV_OK;
+    });
+}
+
 int32_t llama_localkv_set_pod(llama_context * ctx, const int32_t * leader, int32_t n_heads, uint32_t n_sink, uint32_t n_recent) {
     return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ALLOC, [&](llama_kv_cache_compressed & kv, std::string & err) {
         const int32_t rc = kv.set_pod(leader, n_heads, n_sink, n_recent, err);
