@@ -53,6 +53,10 @@ SHAPES: dict[str, Shape] = {
                   notes="Phi-3 mini: as many KV heads as query heads (4 of its 32 here), dim 96, fused qkv"),
     "gemma3": Shape("gemma3", 6, 4, 1, 256, 128, rope_base=1000000.0, qk_norm=True, sliding_window=128,
                     notes="Gemma 3 270M: 4 / 1 heads, dim 256, QK-norm, 5 windowed layers to 1 global"),
+    "gpt-oss": Shape("gpt-oss", 4, 64, 8, 64, 64, rope_base=150000.0, sliding_window=128, swa_pattern=2,
+                     extra={"experts": 4, "experts_used": 2},
+                     notes="gpt-oss 20B: 64 / 8 heads, dim 64, attention sinks, mixture of experts, every other "
+                           "layer windowed"),
     "qwen2vl": Shape("qwen2vl", 2, 14, 2, 64, 896, rope_base=1000000.0, qkv_bias=True, rope_sections=(16, 8, 8, 0),
                      notes="Qwen2-VL: multi-position RoPE"),
 }
@@ -118,6 +122,11 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
     w.add_layer_norm_rms_eps(1e-6)
     if s.sliding_window:
         w.add_sliding_window(s.sliding_window)
+    moe = s.arch == "gpt-oss"
+    if moe:
+        w.add_expert_count(s.extra["experts"])
+        w.add_expert_used_count(s.extra["experts_used"])
+        w.add_expert_feed_forward_length(s.n_ff)
     if s.rope_sections:
         w.add_rope_dimension_sections(list(s.rope_sections))
     w.add_tokenizer_model("gpt2")
@@ -158,6 +167,19 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
             w.add_tensor(b + "attn_q_norm.weight", norm(s.head_dim))
             w.add_tensor(b + "attn_k_norm.weight", norm(s.head_dim))
         w.add_tensor(b + "attn_output.weight", mat(s.n_embd, q_dim, 1.0 / np.sqrt(q_dim)))
+        if moe:  # gpt-oss: biases on the output and every expert, learned attention sinks, experts for the FFN
+            e, f = s.extra["experts"], s.n_ff
+            w.add_tensor(b + "attn_output.bias", (0.1 * rng.standard_normal(s.n_embd)).astype(np.float32))
+            w.add_tensor(b + "attn_sinks.weight", rng.standard_normal(s.n_head).astype(np.float32))
+            w.add_tensor(b + "post_attention_norm.weight", norm(s.n_embd))
+            w.add_tensor(b + "ffn_gate_inp.weight", mat(e, s.n_embd, unit).astype(np.float32))
+            w.add_tensor(b + "ffn_gate_inp.bias", np.zeros(e, dtype=np.float32))
+            for name, shape3 in (("ffn_gate_exps", (e, f, s.n_embd)), ("ffn_up_exps", (e, f, s.n_embd)),
+                                 ("ffn_down_exps", (e, s.n_embd, f))):
+                w.add_tensor(b + name + ".weight",
+                             (rng.standard_normal(shape3) / np.sqrt(shape3[2])).astype(np.float16))
+                w.add_tensor(b + name + ".bias", np.zeros(shape3[:2], dtype=np.float32))
+            continue
         if s.arch == "gemma3":
             w.add_tensor(b + "post_attention_norm.weight", norm(s.n_embd))
             w.add_tensor(b + "post_ffw_norm.weight", norm(s.n_embd))

@@ -23,7 +23,7 @@ from test_surfacelogickv import ref_adaptive
 
 pytestmark = pytest.mark.model
 
-COMPRESSED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"]
+COMPRESSED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt-oss"]
 TEXT = ("Ships left the harbour at dawn; the keeper logged each one by name. By noon the wind turned, "
         "and nine boats came back to shelter behind the old stone pier before the storm.")
 
