@@ -706,9 +706,12 @@ class Engine:
 
     def full_bytes(self, tokens: int, type_name: str) -> int:
         """Upstream's full (uncompressed) cache of `tokens` tokens, K and V of type `type_name`: every full-attention
-        layer holds them all, a windowed layer (sliding-window models) at most its window of cells."""
+        layer holds them all, a windowed layer (sliding-window models) at most its window of cells, as a full-cache
+        engine sizes it (gguf_info.ModelFile.window_cells)."""
+        from .gguf_info import FULL_UBATCH, WINDOW_PAD
         per_token = self.shape.n_head_kv * self.shape.head_dim * 2
-        cells = len(self.kv_layers) * tokens + sum(min(tokens, w[1]) for w in self.windowed_layers)
+        window = -(-(self.shape.n_swa + FULL_UBATCH) // WINDOW_PAD) * WINDOW_PAD
+        cells = len(self.kv_layers) * tokens + len(self.windowed_layers) * min(tokens, window)
         return int(round(per_token * cells * TYPE_BYTES[type_name]))
 
     def memory_report(self, tokens: int | None = None) -> MemoryReport:
