@@ -57,6 +57,8 @@ SHAPES: dict[str, Shape] = {
                      extra={"experts": 4, "experts_used": 2},
                      notes="gpt-oss 20B: 64 / 8 heads, dim 64, attention sinks, mixture of experts, every other "
                            "layer windowed"),
+    "mamba": Shape("mamba", 2, 0, 0, 0, 64, extra={"d_inner": 128, "d_state": 16, "d_conv": 4, "dt_rank": 4},
+                   notes="Mamba: recurrent state, no KV cache (hybrid models hold their attention beside such state)"),
     "qwen2vl": Shape("qwen2vl", 2, 14, 2, 64, 896, rope_base=1000000.0, qkv_bias=True, rope_sections=(16, 8, 8, 0),
                      notes="Qwen2-VL: multi-position RoPE"),
 }
@@ -112,14 +114,15 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
     w.add_block_count(s.n_layer)
     w.add_context_length(32768)
     w.add_embedding_length(s.n_embd)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_dimension_count(s.head_dim)
-    w.add_rope_freq_base(s.rope_base)
     w.add_layer_norm_rms_eps(1e-6)
+    if s.arch != "mamba":
+        w.add_feed_forward_length(s.n_ff)
+        w.add_head_count(s.n_head)
+        w.add_head_count_kv(s.n_head_kv)
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+        w.add_rope_dimension_count(s.head_dim)
+        w.add_rope_freq_base(s.rope_base)
     if s.sliding_window:
         w.add_sliding_window(s.sliding_window)
     moe = s.arch == "gpt-oss"
@@ -150,7 +153,9 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
     w.add_tensor("token_embd.weight", mat(n_vocab, s.n_embd, 1.0))
     w.add_tensor("output_norm.weight", norm(s.n_embd))
     w.add_tensor("output.weight", mat(n_vocab, s.n_embd, unit))
-    for i in range(s.n_layer):
+    if s.arch == "mamba":
+        _add_mamba_layers(w, s, mat, norm)
+    for i in range(s.n_layer if s.arch != "mamba" else 0):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_norm.weight", norm(s.n_embd))
         if s.fused_qkv:
@@ -198,6 +203,28 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
         w.close()
     os.replace(tmp, path)  # never a half-written model under the final name
     return path
+
+
+def _add_mamba_layers(w, s: Shape, mat, norm) -> None:
+    """A Mamba block per layer: recurrent state instead of a KV cache."""
+    x = s.extra
+    d_inner, d_state, d_conv, dt_rank = x["d_inner"], x["d_state"], x["d_conv"], x["dt_rank"]
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(dt_rank)
+    for i in range(s.n_layer):
+        b = f"blk.{i}."
+        w.add_tensor(b + "attn_norm.weight", norm(s.n_embd))
+        w.add_tensor(b + "ssm_in.weight", mat(2 * d_inner, s.n_embd, 0.1))
+        w.add_tensor(b + "ssm_conv1d.weight", mat(d_inner, d_conv, 0.1).astype(np.float32))
+        w.add_tensor(b + "ssm_conv1d.bias", np.zeros(d_inner, dtype=np.float32))
+        w.add_tensor(b + "ssm_x.weight", mat(dt_rank + 2 * d_state, d_inner, 0.1))
+        w.add_tensor(b + "ssm_dt.weight", mat(d_inner, dt_rank, 0.1).astype(np.float32))
+        w.add_tensor(b + "ssm_dt.bias", np.zeros(d_inner, dtype=np.float32))
+        w.add_tensor(b + "ssm_a", -np.ones((d_inner, d_state), dtype=np.float32))
+        w.add_tensor(b + "ssm_d", np.ones(d_inner, dtype=np.float32))
+        w.add_tensor(b + "ssm_out.weight", mat(s.n_embd, d_inner, 0.1))
 
 
 def shape_with(name: str, **changes) -> Shape:

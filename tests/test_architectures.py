@@ -148,7 +148,7 @@ def test_kept_tokens_are_the_numpy_references(model_file, name, adaptive):
                 assert np.array_equal(np.sort(held), np.sort(chosen[i][h]))  # one chunk: slot = position
 
 
-@pytest.mark.parametrize("name,why", [("qwen2vl", "multi-position RoPE")])
+@pytest.mark.parametrize("name,why", [("qwen2vl", "multi-position RoPE"), ("mamba", "not a transformer")])
 def test_unsupported_shapes_are_refused_in_one_line(model_file, name, why):
     p = subprocess.run([sys.executable, "-m", "localkv.cli", "generate", "hi", "--model", model_file(name),
                         "--policy", "snapkv", "--budget", "64"], capture_output=True, text=True, timeout=120,
