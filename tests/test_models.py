@@ -148,8 +148,13 @@ def test_per_layer_kv_heads_and_sliding_window(tmp_path):
     p.write_bytes(gguf_bytes(meta))
     info = gguf_info.read(p)
     assert info.n_head_kv_per_layer == (2, 0, 1) and info.n_head_kv == 2
-    assert info.kv_bytes_per_token("f16") == 3 * (16 + 16) * 2
     assert info.sliding_window == 512
+    # Gemma 3's pattern (every 6th layer global): all three layers are windowed, nothing grows with the context
+    assert info.windowed_layers == (0, 1, 2) and info.kv_bytes_per_token("f16") == 0
+    per_token = 3 * (16 + 16) * 2
+    assert info.windowed_bytes(100) == per_token * 100
+    cells = info.window_cells()  # the window and a 256-token ubatch, padded to 256
+    assert cells == 768 and info.full_bytes(10**6) == per_token * info.window_cells(512) == per_token * 1024
 
 
 def test_reads_what_the_gguf_writer_wrote(tmp_path):
