@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -342,7 +343,8 @@ def main() -> int:
     ap.add_argument("--pool", type=int, default=4)
     ap.add_argument("--queue", type=int, default=64, help="the server's --queue (above the clients: no 503)")
     ap.add_argument("--rss-slack", type=float, default=50, help="MiB the RSS may differ from after warm-up")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--json-out", help="also write the JSON result to this file")
     args = ap.parse_args()
 
     stderr = tempfile.TemporaryFile(mode="w+")
@@ -357,9 +359,19 @@ def main() -> int:
         wait_idle(url)
         rss_warm = rss_mib(proc.pid)
         load = Load(url, args.clients, args.seconds)
+        series: list[float] = []
+        sampling = threading.Event()
+
+        def sample() -> None:  # the RSS every 5 s while the load runs: a leak grows, a warm heap levels off
+            while not sampling.wait(5):
+                series.append(round(rss_mib(proc.pid), 1))
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t0 = time.perf_counter()
         asyncio.run(load.run())
         wall = time.perf_counter() - t0
+        sampling.set()
+        sampler.join()
         health = wait_idle(url)
         # still answers, correctly
         r = httpx.post(url + "/chat/completions", headers=auth, timeout=120,
@@ -378,7 +390,7 @@ def main() -> int:
             "server_cancelled": stats["cancelled"], "server_served": stats["requests_served"],
             "queue_after": health["queue"], "busy_after": health["busy"], "answers_after": after_ok,
             "rss_mib_after_warmup": round(rss_warm, 1), "rss_mib_end": round(rss_end, 1),
-            "rss_delta_mib": round(rss_end - rss_warm, 1), "failures": load.failures,
+            "rss_delta_mib": round(rss_end - rss_warm, 1), "rss_every_5s_mib": series, "failures": load.failures,
             "slowest_recent": sorted(stats["recent"], key=lambda r: -r["seconds"])[:5],
         })
         for kind, c in load.counts.items():
@@ -408,6 +420,9 @@ def main() -> int:
             problems.append("the server logged an error: " + log[-2000:])
         result["exit_code"] = proc.returncode
     result["problems"] = problems
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -423,7 +438,7 @@ def main() -> int:
               f"afterwards queue {result['queue_after']}, busy {result['busy_after']}, "
               f"answers correctly: {result['answers_after']}")
         print(f"RSS: {result['rss_mib_after_warmup']} MiB after warm-up, {result['rss_mib_end']} MiB at the end "
-              f"({result['rss_delta_mib']:+} MiB)")
+              f"({result['rss_delta_mib']:+} MiB); every 5 s under load: {' '.join(map(str, series))}")
         for f in result["failures"][:10]:
             print("  failure:", f)
         print("PASS" if not problems else "FAIL: " + "; ".join(problems))

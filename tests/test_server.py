@@ -727,7 +727,8 @@ def test_stream_opens_at_once_and_a_client_gone_during_prefill_frees_the_worker(
     freed = time.monotonic() - gone
     assert rec["finish_reason"] == "cancelled" and rec["cancelled"] == "prefill", rec
     assert rec["prompt_tokens_read"] is None or rec["prompt_tokens_read"] < rec["prompt_tokens"] / 2, rec
-    assert freed < 20 and opened < 5, (freed, opened)
+    # what it read is the measure (one chunk past the disconnect, not the prompt); times only catch a hang
+    assert freed < 60 and opened < 10, (freed, opened)
     client_t = time.monotonic()
     r = httpx.post(guarded.url + "/chat/completions", headers=guarded.auth, timeout=60,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -761,7 +762,8 @@ def test_a_full_queue_is_503_with_retry_after(guarded):
                                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
 
     with httpx.stream("POST", guarded.url + "/chat/completions", json=body_a, headers=guarded.auth, timeout=120) as a:
-        job = json.loads(next(line for line in a.iter_lines() if line.startswith("data: "))[6:])["id"]
+        lines = a.iter_lines()  # held: a line iterator dropped half-read closes the connection (A would be gone)
+        job = json.loads(next(line for line in lines if line.startswith("data: "))[6:])["id"]
         _wait_for(lambda: _running(guarded, job))
         b = threading.Thread(target=ask_b)
         b.start()
