@@ -249,6 +249,7 @@ def test_missing_model_file_is_one_line():
 class Served:
     def __init__(self, *args: str):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("LOCALKV_API_KEY", None)  # the key, when a test wants one, is on the command line
         self.proc = subprocess.Popen([sys.executable, "-m", "localkv.cli", "serve", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self._first_line(120)
