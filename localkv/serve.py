@@ -687,6 +687,9 @@ class Server:
             model = self._model
             self._model_users += 1
         try:
+            if chat and not model.has_chat_template:
+                raise RequestError(f"{self.model_id} has no chat template (a base model, never trained on turns): "
+                                   "use /v1/completions", param="messages")
             text = model.chat_prompt(req.messages) if chat else req.prompt
             prompt_tokens = len(model.tokenize(text, add_special=not chat, parse_special=True))
             shape = model.shape

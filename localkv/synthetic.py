@@ -93,8 +93,10 @@ def vocabulary() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, list(MERGES)
 
 
-def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 0, scale: float = 1.5) -> Path:
+def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 0, scale: float = 1.5,
+                       chat_template: bool = True) -> Path:
     """Write a GGUF of `shape` (a Shape or a name in SHAPES) with random f16 weights; returns the path.
+    Without `chat_template` it is a base model (no tokenizer.chat_template).
 
     `scale` sets the q/k projections' spread (in units of 1/sqrt(n_embd)): above 1 attention is peaked
     enough that a policy's scores tell tokens apart.
@@ -140,7 +142,8 @@ def write_random_model(path: str | os.PathLike, shape: Shape | str, seed: int = 
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    if chat_template:
+        w.add_chat_template(CHATML)
 
     def mat(rows: int, cols: int, std: float) -> np.ndarray:  # a {cols, rows} ggml tensor: numpy [rows, cols]
         return (rng.standard_normal((rows, cols)) * std).astype(np.float16)

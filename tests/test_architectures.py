@@ -202,3 +202,30 @@ def test_a_replay_leaves_the_windowed_layers_as_they_were(model_file):
     for text_, logits in out[1:]:
         assert text_ == out[0][0]
         np.testing.assert_allclose(logits, out[0][1], atol=2e-2)
+
+
+def test_a_base_model_completes_text_and_refuses_chat(tmp_path):
+    """A model without a chat template (Gemma 3 270M is one): generate completes plain text with a note, the chat
+    and the server's chat endpoint refuse it in one line, the server's completions serve it."""
+    path = str(write_random_model(tmp_path / "base.gguf", "llama", chat_template=False))
+    env = dict(os.environ, COLUMNS="300")
+    cli = [sys.executable, "-m", "localkv.cli"]
+    p = subprocess.run(cli + ["generate", "hello", "--model", path, "-n", "4", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "no chat template" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(cli + ["chat", "--model", path], input="hello\n", capture_output=True, text=True, timeout=120,
+                       env=env)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0 and len(lines) == 1 and "no chat template" in lines[0], p.stderr
+    from localkv import serve
+    srv = serve.Server(path, policy="snapkv", budget=64)
+    try:
+        srv.warm()
+        chat = serve.parse_request({"messages": [{"role": "user", "content": "hi"}]}, "chat", srv.default_key,
+                                   srv.model_id, 8)
+        with pytest.raises(serve.RequestError, match="no chat template.*completions") as e:
+            srv.prepare(chat)
+        assert e.value.status == 400
+        srv.prepare(serve.parse_request({"prompt": "hi"}, "completion", srv.default_key, srv.model_id, 8))
+    finally:
+        srv.close()
