@@ -46,12 +46,6 @@ FENCE = '"""'
 MAX_FILE_BYTES = 4 << 20  # /file: a text document, not a data dump
 
 
-def conversation_policy_args(policy: str, args: dict[str, str]) -> dict[str, str]:
-    """policies.conversation_args (kept for callers that build the arguments themselves)."""
-    from .policies import conversation_args
-    return conversation_args(policy, args)
-
-
 def state_dir() -> Path:
     """Where the chat keeps its input history and the conversations it saves on leaving:
     $LOCALKV_STATE, else $XDG_STATE_HOME/localkv, else ~/.local/state/localkv."""

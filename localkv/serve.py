@@ -608,8 +608,8 @@ class Server:
 
     @staticmethod
     def _engine_args(key: CacheKey) -> dict[str, str]:
-        from .chat import conversation_policy_args
-        return conversation_policy_args(key.policy, dict(key.policy_args))
+        """A cached conversation replays its earlier turns like the chat's (policies.conversation_args)."""
+        return policies.conversation_args(key.policy, dict(key.policy_args))
 
     def _close_all(self) -> None:
         self.pool.close()
