@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -26,7 +26,11 @@ STAT_LAST = 3
 STAT_VNORM = 4
 STAT_ACC_ADAPTIVE = 5
 STAT_MAX = 6  # running max over observed queries and GQA group heads (KVzip's reconstruction score)
-STAT_COUNT = 7
+STAT_MAX_NORMED = 7  # STAT_MAX with each query's row over its hidden-state norm (KVzip+, before ||W_o v||)
+STAT_SCORE = 8  # the learned scorer's prediction per KV head, set when a token is written (KVzap)
+STAT_COUNT = 9
+# statistics of the written token (one per KV head and slot, whatever the storage)
+WRITTEN_WITH_TOKEN = frozenset({STAT_VNORM, STAT_SCORE})
 # set_stats flag: statistics per query head instead of summed per KV head (tests, analysis)
 STATS_QUERY_HEADS = 1 << 31
 
@@ -75,6 +79,8 @@ _SIGNATURES = {
     "llama_localkv_enabled": (c_int32, [c_void_p]),
     "llama_localkv_set_stats": (c_int32, [c_void_p, c_uint32, c_uint32]),
     "llama_localkv_clear_stat": (c_int32, [c_void_p, c_int32]),
+    "llama_localkv_set_scorer": (c_int32, [c_void_p, c_int32, c_int32, c_int32, POINTER(c_float), POINTER(c_float),
+                                           POINTER(c_float), POINTER(c_float)]),
     "llama_localkv_set_hidden": (c_int32, [c_void_p, c_int32, c_int32]),
     "llama_localkv_set_replay": (c_int32, [c_void_p, c_int32]),
     "llama_localkv_cache_state": (c_int32, [c_void_p, POINTER(c_uint32), POINTER(c_uint32), POINTER(c_uint32), c_size_t]),
@@ -207,6 +213,18 @@ def set_stats(ctx, stats, window: int = 32, query_heads: bool = False) -> None:
     for s in stats:
         flags |= 1 << s
     _check("set_stats", lib.llama_localkv_set_stats(ctx, flags, int(window)))
+
+
+def set_scorer(ctx, i: int, w1=None, b1=None, w2=None, b2=None) -> None:
+    """The learned scorer of the i-th layer (KVzap): linear, s = w1 x + b1 with w1 [n_head_kv, n_embd], or with
+    w2 [n_head_kv, n_hidden] a two-layer MLP s = w2 gelu(w1 x + b1) + b2. w1 None removes it."""
+    def f32(a):
+        return None if a is None else np.ascontiguousarray(a, dtype=np.float32)
+    w1, b1, w2, b2 = f32(w1), f32(b1), f32(w2), f32(b2)
+    ptr = (lambda a: None if a is None else a.ctypes.data_as(POINTER(c_float)))
+    n_in = 0 if w1 is None else w1.shape[1]
+    n_hidden = 0 if w2 is None else w1.shape[0]
+    _check("set_scorer", lib.llama_localkv_set_scorer(ctx, i, n_in, n_hidden, ptr(w1), ptr(b1), ptr(w2), ptr(b2)))
 
 
 def clear_stat(ctx, stat: int) -> None:

@@ -101,7 +101,7 @@ class LayerView:
         """A statistic of this layer: [n_head_kv or n_head, n_used] float32 (read once, then cached)."""
         key = (kind, per_kv_head)
         if key not in self._stats:
-            heads = self.n_head_kv if (per_kv_head or kind == capi.STAT_VNORM) else self.n_head
+            heads = self.n_head_kv if (per_kv_head or kind in capi.WRITTEN_WITH_TOKEN) else self.n_head
             self._stats[key] = capi.get_stat(self.ctx, self.index, kind, heads, per_kv_head, used=self.head_used)
         return self._stats[key]
 

@@ -13,7 +13,7 @@
 
 // Bumped whenever a declaration in this header changes meaning or signature.
 // localkv's Python bindings refuse to run against a library with another value.
-#define LLAMA_LOCALKV_ABI_VERSION 9
+#define LLAMA_LOCALKV_ABI_VERSION 10
 
 #ifdef __cplusplus
 extern "C" {
@@ -151,7 +151,16 @@ extern "C" {
         // over the query heads of its GQA group (KVzip's reconstruction score
         // when the queries replay the context); per query head
         LLAMA_LOCALKV_STAT_MAX          = 6,
-        LLAMA_LOCALKV_STAT_COUNT        = 7,
+        // STAT_MAX with each observed query's probabilities divided by the norm
+        // of its hidden state at the attention's input, ||x_j||: KVzip+'s score
+        // (KVzap, arXiv 2601.07891) before its per-query-head factor ||W_o v||,
+        // which the caller applies; per query head
+        LLAMA_LOCALKV_STAT_MAX_NORMED   = 7,
+        // the learned scorer's prediction (llama_localkv_set_scorer) for each
+        // token, computed from its hidden state at the attention's input when
+        // the token is written; per KV head. Layers without a scorer hold 0
+        LLAMA_LOCALKV_STAT_SCORE        = 8,
+        LLAMA_LOCALKV_STAT_COUNT        = 9,
     };
 
     // set_stats flag: keep the statistics per query head (as attention computed
@@ -221,6 +230,29 @@ extern "C" {
     // (the caller then removes the replay's positions with seq_rm). Nothing
     // changes for a model without windowed layers. Returns 0 or an error.
     LLAMA_API int32_t llama_localkv_set_replay(struct llama_context * ctx, int32_t on);
+
+    // A learned scorer for the i-th cached layer (KVzap's surrogate): from the
+    // hidden state x [n_in] of a token at the attention's input (after the
+    // layer's norm), one score per KV head, computed inside the graph when the
+    // token is written while STAT_SCORE is on. n_hidden = 0: linear,
+    // s = w1 x + b1 with w1 [n_head_kv][n_in] row-major and b1 [n_head_kv];
+    // n_hidden > 0: s = w2 gelu(w1 x + b1) + b2 with w1 [n_hidden][n_in],
+    // b1 [n_hidden], w2 [n_head_kv][n_hidden], b2 [n_head_kv]. n_in must be the
+    // model's embedding width. w1 NULL removes the layer's scorer. The weights
+    // are copied to the layer's device. Returns 0, ERR_LAYER, ERR_ARG (bad
+    // size, NULL weight) or ERR_ALLOC. The attention input is found in the
+    // graph as the input of the K projection; a model where it cannot be found
+    // makes llama_localkv_get_stat of STAT_SCORE and STAT_MAX_NORMED fail with
+    // ERR_UNSUPPORTED after the decode that looked for it.
+    LLAMA_API int32_t llama_localkv_set_scorer(
+            struct llama_context * ctx,
+                         int32_t   i,
+                         int32_t   n_in,
+                         int32_t   n_hidden,
+                     const float * w1,
+                     const float * b1,
+                     const float * w2,
+                     const float * b2);
 
     // POD (cross-layer attention sharing for distant tokens). leader[k], in the
     // per-head order, is -1 or the (earlier) cached layer whose same KV head the

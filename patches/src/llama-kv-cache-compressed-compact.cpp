@@ -121,7 +121,7 @@ bool llama_kv_cache_compressed::has_pending() const {
     return false;
 }
 
-// zero the statistics of freed slots (every one but VNORM, which each write sets), so that a token written
+// zero the statistics of freed slots (every one but those each write sets: VNORM, SCORE), so that a token written
 // there later does not start from an evicted token's accumulation; after the compaction moved what is kept
 void llama_kv_cache_compressed::zero_stale_stats() {
     for (auto & layer : layers) {
@@ -130,7 +130,7 @@ void llama_kv_cache_compressed::zero_stale_stats() {
                 continue;
             }
             for (int32_t s = 0; s < LLAMA_LOCALKV_STAT_COUNT; ++s) {
-                if (!layer.stats[s] || s == LLAMA_LOCALKV_STAT_VNORM) {
+                if (!layer.stats[s] || llama_kv_compressed_layer::written_with_token(s)) {
                     continue;
                 }
                 const uint32_t rows = layer.stat_rows(s, query_heads);

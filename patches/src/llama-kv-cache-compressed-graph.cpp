@@ -424,12 +424,47 @@ static ggml_tensor * attn_part(const llama_kv_compressed_attn & attn, const llm_
     if (attn.plan.has_stats()) {
         const int64_t w = attn.plan.window;
         attn.kv.build_stats(ctx0, attn.graph.gf, observed_logits(ctx0, q, k, w), observed_mask(ctx0, mask, q->ne[2], w),
-                attn.inp.obs_scale, attn.inp.stat_ones, attn.kq_scale, attn.i, part, attn.plan);
+                attn.inp.obs_scale, attn.inp.stat_ones, attn.obs_norm, attn.kq_scale, attn.i, part, attn.plan);
     }
 
     llama_kv_compressed_pod_leader_kq(attn, q, part);
 
     return out;
+}
+
+// the hidden state the layer's attention read, x [n_embd, n_tokens] (after its norm): the input of the K projection
+// that produced k_cur, found by walking k_cur's sources (the projection, its bias, reshape, norm, RoPE) back to the
+// first matrix product whose input has the model's width. Null if there is none within a few ops (the caller reports
+// it): no builder hook is needed, and every architecture that projects K from the hidden state has one
+static ggml_tensor * attention_input(ggml_tensor * k_cur, int64_t n_embd, int64_t n_tokens) {
+    std::vector<ggml_tensor *> frontier = { k_cur };
+    for (int depth = 0; depth < 12 && !frontier.empty(); ++depth) {
+        std::vector<ggml_tensor *> next;
+        for (ggml_tensor * t : frontier) {
+            if (t->op == GGML_OP_MUL_MAT && t->src[1] && t->src[1]->ne[0] == n_embd && t->src[1]->ne[1] == n_tokens &&
+                    t->src[1]->ne[2] == 1 && t->src[0]->ne[0] == n_embd) {
+                return t->src[1];
+            }
+            for (int s = 0; s < GGML_MAX_SRC; ++s) {
+                // a computed source only: weights, biases and graph inputs (positions, the mask) lead nowhere
+                if (t->src[s] && (t->src[s]->op != GGML_OP_NONE || t->src[s]->view_src)) {
+                    next.push_back(t->src[s]);
+                }
+            }
+        }
+        frontier = std::move(next);
+    }
+    return nullptr;
+}
+
+// ||x_j|| of the ubatch's last w hidden states x [n_embd, n_tokens] -> [1, w]
+static ggml_tensor * observed_norms(ggml_context * ctx, ggml_tensor * x, int64_t w) {
+    const int64_t n_tokens = x->ne[1];
+    ggml_tensor * x_obs = ggml_view_2d(ctx, x, x->ne[0], w, x->nb[1], (n_tokens - w)*x->nb[1]);
+    if (x_obs->type != GGML_TYPE_F32) {
+        x_obs = ggml_cast(ctx, x_obs, GGML_TYPE_F32);
+    }
+    return ggml_sqrt(ctx, ggml_sum_rows(ctx, ggml_sqr(ctx, ggml_cont(ctx, x_obs))));
 }
 
 ggml_tensor * llm_graph_build_attn_compressed(
@@ -448,10 +483,23 @@ ggml_tensor * llm_graph_build_attn_compressed(
     const llama_kv_cache_compressed & kv   = *inp->mctx_compressed->get_cache();
     const llama_kv_compressed_plan  & plan = inp->mctx_compressed->get_plan();
     const int32_t i = kv.layer_index(il);
-    const llama_kv_compressed_attn attn = { graph, *inp, kv, plan, kv.get_layers()[i], i, il, kq_scale };
+    llama_kv_compressed_attn attn = { graph, *inp, kv, plan, kv.get_layers()[i], i, il, kq_scale };
 
     const auto & in = inp->get_layer_inputs(graph.ctx0, i, attn.layer, k_cur->ne[1]*k_cur->ne[2], plan.hide);
     store_ubatch(attn, in, k_cur, v_cur);
+
+    // what reads the hidden state at the attention's input: the learned scorer, KVzip+'s normed maximum
+    if (plan.flags & llama_kv_cache_compressed::STATS_HIDDEN) {
+        ggml_tensor * x = attention_input(k_cur, graph.hparams.n_embd, k_cur->ne[2]);
+        if (!x) {
+            kv.set_hidden_input_missing(il);
+        } else {
+            kv.store_score(graph.ctx0, graph.gf, x, in.v_idxs, i, plan);
+            if (plan.window > 0 && (plan.flags & (1u << LLAMA_LOCALKV_STAT_MAX_NORMED))) {
+                attn.obs_norm = observed_norms(graph.ctx0, x, plan.window);
+            }
+        }
+    }
 
     ggml_context * ctx0 = graph.ctx0;
     const int64_t group = q->ne[1] / k_cur->ne[1];

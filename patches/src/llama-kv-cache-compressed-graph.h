@@ -86,6 +86,7 @@ struct llama_kv_compressed_attn {
     int32_t i;  // cached layer
     int     il; // model layer
     float   kq_scale;
+    ggml_tensor * obs_norm = nullptr; // [1, window]: the observed queries' hidden-state norms, when MAX_NORMED is on
 };
 
 // the attention input (the hook in build_attn_inp_kv)

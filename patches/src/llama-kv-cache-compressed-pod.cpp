@@ -348,7 +348,7 @@ ggml_tensor * llama_kv_compressed_attn_pod_follower(const llama_kv_compressed_at
         const int64_t w = attn.plan.window;
         ggml_tensor * kq_obs = ggml_cont(ctx0, ggml_view_3d(ctx0, kq, kq->ne[0], w, group, kq->nb[1], kq->nb[2], (n_tokens - w)*kq->nb[1]));
         ggml_tensor * mask_obs = ggml_view_2d(ctx0, mask, n_cols, w, mask->nb[1], (n_tokens - w)*mask->nb[1]);
-        attn.kv.build_stats(ctx0, attn.graph.gf, kq_obs, mask_obs, attn.inp.obs_scale, attn.inp.stat_ones, attn.kq_scale,
+        attn.kv.build_stats(ctx0, attn.graph.gf, kq_obs, mask_obs, attn.inp.obs_scale, attn.inp.stat_ones, attn.obs_norm, attn.kq_scale,
                 attn.i, part, attn.plan);
     }
 

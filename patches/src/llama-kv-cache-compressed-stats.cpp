@@ -26,6 +26,20 @@ void llama_kv_cache_compressed::store_vnorm(ggml_context * ctx, ggml_cgraph * gf
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, n2, v_idxs));
 }
 
+void llama_kv_cache_compressed::store_score(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * x, ggml_tensor * v_idxs, int32_t i,
+        const llama_kv_compressed_plan & plan) const {
+    if (!(plan.flags & (1u << LLAMA_LOCALKV_STAT_SCORE)) || (size_t) i >= scorers.size() || !scorers[i].w1) {
+        return;
+    }
+    const scorer & sc = scorers[i];
+    ggml_tensor * s = ggml_add(ctx, ggml_mul_mat(ctx, sc.w1, x), sc.b1);     // [n_hidden or n_head_kv, n_tokens]
+    if (sc.w2) {
+        s = ggml_add(ctx, ggml_mul_mat(ctx, sc.w2, ggml_gelu(ctx, s)), sc.b2); // [n_head_kv, n_tokens]
+    }
+    s = ggml_reshape_2d(ctx, s, 1, s->ne[0]*s->ne[1]);                     // a row per (token, head), as idxs
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, layers[i].stats[LLAMA_LOCALKV_STAT_SCORE], s, v_idxs));
+}
+
 namespace {
 
 // the statistics of one part, built from the probabilities of its observed queries: where each is stored, and how
@@ -36,6 +50,7 @@ struct part_stats {
     const llama_kv_compressed_layer & layer;
     const llama_kv_compressed_part  & part;
     ggml_tensor * ones;  // a column of ones for sum_queries' out_prod
+    ggml_tensor * obs_norm; // [1, w]: the observed queries' hidden-state norms (MAX_NORMED)
     uint32_t flags;
     bool     query_heads;
     int64_t  n_head;     // the part's query heads
@@ -126,6 +141,11 @@ struct part_stats {
         if (on(LLAMA_LOCALKV_STAT_MAX)) {
             store(LLAMA_LOCALKV_STAT_MAX, max2(view(LLAMA_LOCALKV_STAT_MAX), max_queries(p)));
         }
+        if (on(LLAMA_LOCALKV_STAT_MAX_NORMED) && obs_norm) {
+            // each query's row over its hidden state's norm (broadcast over slots and heads), then the running max
+            ggml_tensor * scaled = ggml_div(ctx, p, ggml_reshape_3d(ctx, obs_norm, 1, w, 1));
+            store(LLAMA_LOCALKV_STAT_MAX_NORMED, max2(view(LLAMA_LOCALKV_STAT_MAX_NORMED), max_queries(scaled)));
+        }
     }
 
     // OBS_ADAPTIVE and ACC_ADAPTIVE from the softmax at AhaKV's scales [n_cols, w, n_head]
@@ -137,11 +157,11 @@ struct part_stats {
 } // namespace
 
 void llama_kv_cache_compressed::build_stats(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * kq_obs, ggml_tensor * mask_obs,
-        ggml_tensor * obs_scale, ggml_tensor * ones, float kq_scale, int32_t i, const llama_kv_compressed_part & part,
-        const llama_kv_compressed_plan & plan) const {
+        ggml_tensor * obs_scale, ggml_tensor * ones, ggml_tensor * obs_norm, float kq_scale, int32_t i,
+        const llama_kv_compressed_part & part, const llama_kv_compressed_plan & plan) const {
     const int64_t n_head = kq_obs->ne[2];
     const int64_t w      = plan.window;
-    const part_stats stats = { ctx, gf, layers[i], part, ones, plan.flags, query_heads, n_head,
+    const part_stats stats = { ctx, gf, layers[i], part, ones, obs_norm, plan.flags, query_heads, n_head,
         query_heads ? n_head : (int64_t) part.n_heads, w };
 
     if (plan.flags & STATS_PLAIN) {
@@ -182,6 +202,11 @@ int32_t llama_kv_cache_compressed::get_stat(int32_t i, int32_t stat, bool sum_pe
         return LLAMA_LOCALKV_ERR_ARG;
     }
     GGML_ASSERT(!has_pending()); // the caller flushes first
+    if (hidden_input_missing >= 0 && ((1u << stat) & STATS_HIDDEN)) {
+        err = "statistic " + std::to_string(stat) + " reads the attention's input, which the graph of layer " +
+            std::to_string(hidden_input_missing) + " of this model does not show (no K projection of the hidden state)";
+        return LLAMA_LOCALKV_ERR_UNSUPPORTED;
+    }
     const auto & layer = layers[i];
     ggml_tensor * t = layer.stats[stat];
     if (!t) {
@@ -191,7 +216,8 @@ int32_t llama_kv_cache_compressed::get_stat(int32_t i, int32_t stat, bool sum_pe
 
     // rows stored per KV head, and rows written per KV head (summed over the stored ones when fewer)
     const uint32_t rows     = layer.stat_rows(stat, query_heads);
-    const uint32_t out_rows = sum_per_kv_head || stat == LLAMA_LOCALKV_STAT_VNORM ? 1 : layer.n_head / layer.n_head_kv;
+    const uint32_t out_rows = sum_per_kv_head || llama_kv_compressed_layer::written_with_token(stat) ? 1 :
+        layer.n_head / layer.n_head_kv;
 
     if (out_rows > rows) {
         err = "statistics are kept per KV head: read them with sum_per_kv_head, or ask for "

@@ -186,7 +186,7 @@ static bool alloc_stats(std::vector<llama_kv_compressed_layer> & layers, uint32_
         }
         for (int32_t s = 0; s < LLAMA_LOCALKV_STAT_COUNT; ++s) {
             if (mask & (1u << s)) {
-                layer.stats[s] = s == LLAMA_LOCALKV_STAT_VNORM ?
+                layer.stats[s] = llama_kv_compressed_layer::written_with_token(s) ?
                     ggml_new_tensor_2d(c.get(), GGML_TYPE_F32, 1, layer.total) : // a row per slot
                     ggml_new_tensor_1d(c.get(), GGML_TYPE_F32, (int64_t) layer.total*layer.stat_rows(s, query_heads));
                 ggml_format_name(layer.stats[s], "localkv_stat%d_l%d", s, layer.il);
@@ -419,5 +419,55 @@ int32_t llama_kv_cache_compressed::set_stats(uint32_t flags, uint32_t window, bo
     }
     stat_flags = flags;
     obs_window = window;
+    return LLAMA_LOCALKV_OK;
+}
+
+//
+// learned scorers (KVzap): small weight tensors on each layer's device, kept across reallocations
+//
+
+int32_t llama_kv_cache_compressed::set_scorer(int32_t i, int32_t n_in, int32_t n_hidden, const float * w1, const float * b1,
+        const float * w2, const float * b2, std::string & err) {
+    if (i < 0 || i >= (int32_t) layers.size()) {
+        err = "no cached layer " + std::to_string(i);
+        return LLAMA_LOCALKV_ERR_LAYER;
+    }
+    scorers.resize(layers.size());
+    scorer & sc = scorers[i];
+    epoch = next_storage_epoch(); // a graph built with the old weights (or none) is never reused
+    if (!w1) {
+        sc = scorer();
+        return LLAMA_LOCALKV_OK;
+    }
+    const auto & layer = layers[i];
+    if (n_in != (int32_t) hparams.n_embd) {
+        err = "scorer input width " + std::to_string(n_in) + " is not the model's embedding width " + std::to_string(hparams.n_embd);
+        return LLAMA_LOCALKV_ERR_ARG;
+    }
+    if (n_hidden < 0 || n_hidden > (1 << 16) || !b1 || (n_hidden > 0 && (!w2 || !b2))) {
+        err = "a scorer needs w1 and b1, and w2 and b2 with a hidden width in [1, 65536]";
+        return LLAMA_LOCALKV_ERR_ARG;
+    }
+    const int64_t n_out = n_hidden > 0 ? n_hidden : layer.n_head_kv;
+    scorer next;
+    next.ctx.reset(llama_kv_compressed_meta_ctx(4));
+    next.w1 = ggml_new_tensor_2d(next.ctx.get(), GGML_TYPE_F32, n_in, n_out);
+    next.b1 = ggml_new_tensor_1d(next.ctx.get(), GGML_TYPE_F32, n_out);
+    if (n_hidden > 0) {
+        next.w2 = ggml_new_tensor_2d(next.ctx.get(), GGML_TYPE_F32, n_hidden, layer.n_head_kv);
+        next.b2 = ggml_new_tensor_1d(next.ctx.get(), GGML_TYPE_F32, layer.n_head_kv);
+    }
+    next.buf.reset(ggml_backend_alloc_ctx_tensors_from_buft(next.ctx.get(), layer.buft));
+    if (!next.buf) {
+        err = "failed to allocate the scorer of cached layer " + std::to_string(i);
+        return LLAMA_LOCALKV_ERR_ALLOC;
+    }
+    ggml_backend_tensor_set(next.w1, w1, 0, ggml_nbytes(next.w1));
+    ggml_backend_tensor_set(next.b1, b1, 0, ggml_nbytes(next.b1));
+    if (n_hidden > 0) {
+        ggml_backend_tensor_set(next.w2, w2, 0, ggml_nbytes(next.w2));
+        ggml_backend_tensor_set(next.b2, b2, 0, ggml_nbytes(next.b2));
+    }
+    sc = std::move(next);
     return LLAMA_LOCALKV_OK;
 }

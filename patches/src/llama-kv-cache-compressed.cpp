@@ -35,7 +35,7 @@ uint32_t llama_kv_compressed_layer::used_total() const {
 }
 
 uint32_t llama_kv_compressed_layer::stat_rows(int32_t stat, bool query_heads) const {
-    return stat == LLAMA_LOCALKV_STAT_VNORM || !query_heads ? 1 : n_head / n_head_kv;
+    return written_with_token(stat) || !query_heads ? 1 : n_head / n_head_kv;
 }
 
 std::vector<uint32_t> llama_kv_compressed_plan::signature(uint32_t n_tokens) const {

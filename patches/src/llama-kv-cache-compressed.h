@@ -126,8 +126,13 @@ struct llama_kv_compressed_layer {
     uint32_t used_total() const;
 
     // rows statistic `stat` keeps per KV head: one, or its GQA group's query heads when stored per query head
-    // (VNORM is a property of a KV head's value)
+    // (a statistic of the written token, VNORM or SCORE, is a property of the KV head's row)
     uint32_t stat_rows(int32_t stat, bool query_heads) const;
+    // statistics set once per token when it is written (a row per slot, [1, total], through set_rows like K and V),
+    // not accumulated from attention
+    static bool written_with_token(int32_t stat) {
+        return stat == LLAMA_LOCALKV_STAT_VNORM || stat == LLAMA_LOCALKV_STAT_SCORE;
+    }
 
     // float offset of slot 0 of row g (of `rows`) of KV head h in a statistic (the layout above)
     size_t stat_offset(uint32_t rows, uint32_t h, uint32_t g) const {
@@ -187,7 +192,9 @@ public:
     // the statistics computed from one softmax at the model's scale, from one at AhaKV's scales, and those that sum
     // the observed queries' probabilities (with a column of ones, llm_graph_input_attn_kv_compressed::stat_ones)
     static constexpr uint32_t STATS_PLAIN = (1u << LLAMA_LOCALKV_STAT_OBS) | (1u << LLAMA_LOCALKV_STAT_ACC) |
-        (1u << LLAMA_LOCALKV_STAT_LAST) | (1u << LLAMA_LOCALKV_STAT_MAX);
+        (1u << LLAMA_LOCALKV_STAT_LAST) | (1u << LLAMA_LOCALKV_STAT_MAX) | (1u << LLAMA_LOCALKV_STAT_MAX_NORMED);
+    // the statistics that read each token's hidden state at the attention's input
+    static constexpr uint32_t STATS_HIDDEN = (1u << LLAMA_LOCALKV_STAT_MAX_NORMED) | (1u << LLAMA_LOCALKV_STAT_SCORE);
     static constexpr uint32_t STATS_ADAPTIVE = (1u << LLAMA_LOCALKV_STAT_OBS_ADAPTIVE) | (1u << LLAMA_LOCALKV_STAT_ACC_ADAPTIVE);
     static constexpr uint32_t STATS_SUMMED = STATS_ADAPTIVE | (1u << LLAMA_LOCALKV_STAT_OBS) | (1u << LLAMA_LOCALKV_STAT_ACC) |
         (1u << LLAMA_LOCALKV_STAT_LAST);
@@ -249,6 +256,9 @@ public:
     // window (the caller synchronizes first). Nothing to do for a model without windowed layers.
     void set_replay(bool on);
 
+    // a learned scorer for cached layer i (see llama_localkv_set_scorer; w1 null removes it)
+    int32_t set_scorer(int32_t i, int32_t n_in, int32_t n_hidden, const float * w1, const float * b1, const float * w2,
+            const float * b2, std::string & err);
     // POD: leader[k] per (layer, KV head) (-1 or an earlier cached layer whose same head leads), the sinks and
     // the recent ring of the followers; only on an empty cache (reallocates the buffers). All -1: POD off.
     int32_t set_pod(const int32_t * leader, int32_t n, uint32_t n_sink, uint32_t n_recent, std::string & err);
@@ -310,13 +320,19 @@ public:
     ggml_tensor * cpy_v(ggml_context * ctx, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t i) const;
     void store_vnorm(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t i,
             const llama_kv_compressed_plan & plan) const;
+    // the scorer's prediction for the ubatch's tokens from their attention input x [n_embd, n_tokens], into SCORE
+    void store_score(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * x, ggml_tensor * v_idxs, int32_t i,
+            const llama_kv_compressed_plan & plan) const;
+    // the graph of model layer il had no attention input to read (STATS_HIDDEN cannot be computed for this model)
+    void set_hidden_input_missing(int32_t il) const { hidden_input_missing = il; }
 
     // statistics nodes for one part of cached layer i, expanded into gf, from the logits of its observed queries
     // kq_obs [n_cols, window, n_head of the part] and their mask rows [n_cols, window]: the part's slots are the
     // last part.n_kv columns (a POD follower's logits start with its own proximal keys)
+    // obs_norm [1, window]: the observed queries' hidden-state norms ||x_j|| (for MAX_NORMED; null without it)
     void build_stats(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * kq_obs, ggml_tensor * mask_obs,
-            ggml_tensor * obs_scale, ggml_tensor * ones, float kq_scale, int32_t i, const llama_kv_compressed_part & part,
-            const llama_kv_compressed_plan & plan) const;
+            ggml_tensor * obs_scale, ggml_tensor * ones, ggml_tensor * obs_norm, float kq_scale, int32_t i,
+            const llama_kv_compressed_part & part, const llama_kv_compressed_plan & plan) const;
 
     // the Hadamard rotations upstream's cache applies to K and V for this cache type (null when none)
     ggml_tensor * build_input_rot(ggml_context * ctx, bool v) const;
@@ -345,6 +361,18 @@ private:
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> kv_bufs;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> stat_bufs;
     ggml_context_ptr raw_ctx; // holds the k_raw / v_raw aliases
+
+    // learned scorers per cached layer (KVzap), on the layer's device; they outlive reallocations of the storage
+    struct scorer {
+        ggml_tensor * w1 = nullptr; // [n_in, n_hidden or n_head_kv]
+        ggml_tensor * b1 = nullptr;
+        ggml_tensor * w2 = nullptr; // [n_hidden, n_head_kv] (null: linear)
+        ggml_tensor * b2 = nullptr;
+        ggml_context_ptr        ctx;
+        ggml_backend_buffer_ptr buf;
+    };
+    std::vector<scorer> scorers;
+    mutable int32_t hidden_input_missing = -1; // a model layer whose graph had no attention input to read
 
     uint32_t stat_flags  = 0;     // statistics computed by the next ubatches
     uint32_t stat_alloc  = 0;     // statistics allocated (every one ever asked for)

@@ -342,6 +342,13 @@ int32_t llama_localkv_set_stats(llama_context * ctx, uint32_t flags, uint32_t wi
     });
 }
 
+int32_t llama_localkv_set_scorer(llama_context * ctx, int32_t i, int32_t n_in, int32_t n_hidden, const float * w1,
+        const float * b1, const float * w2, const float * b2) {
+    return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv, std::string & err) {
+        return kv.set_scorer(i, n_in, n_hidden, w1, b1, w2, b2, err);
+    });
+}
+
 int32_t llama_localkv_clear_stat(llama_context * ctx, int32_t stat) {
     return localkv_call_flushed(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv, std::string & err) {
         return kv.clear_stat(stat, err);
