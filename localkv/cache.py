@@ -77,7 +77,9 @@ def plan_cache(policy: Policy, shape, *, budget: int | None, prefill_budget: int
     if prefill_budget is not None and prefill_budget < budget:
         raise LocalkvError(f"--prefill-budget {prefill_budget} is smaller than --budget {budget}")
     if prefill_budget is None:
-        prefill_budget = max(budget, DEFAULT_PREFILL_BUDGET)
+        # a question-aware policy's last queries must see a long prompt to steer what it keeps; scores that need no
+        # question (KVzap) lose nothing compressed chunk by chunk: the working set is the budget plus one chunk
+        prefill_budget = budget if policy.query_agnostic else max(budget, DEFAULT_PREFILL_BUDGET)
     if shares_attention(policy):  # a POD follower's recent ring holds a whole ubatch
         chunk = min(chunk, policy.n_recent(budget))
     # room for the largest layer's prefill working set plus one chunk; positions may go far beyond it
@@ -109,9 +111,11 @@ class CompressedCache:
         # C's capacity is the budget (AhaKV's k); the slots start at one decode interval and grow as tokens come
         # (see grow_for), so a short chat never holds more than a full cache would
         capi.enable(ctx, self.head_capacities, [plan.decode_interval] * len(self.head_capacities))
+        policy.attach(ctx)
         self._count_slot_bytes()
         self.peak_bytes = capi.memory_bytes(ctx)  # the most the buffers have held (a long prompt's working set)
         self.reallocations = 0  # resizes (growing for a prompt, shrinking at rest)
+        self.decoded = 0  # tokens decoded (a policy that prunes always compresses every decode interval)
 
     def _count_slot_bytes(self) -> None:
         """slot_bytes: what one slot of each head costs (K + V, as llama.cpp allocated them); pod_k_bytes: a POD
@@ -166,10 +170,10 @@ class CompressedCache:
         self.resize(np.maximum(alloc, np.minimum(limits, used + n + self.plan.chunk)), alloc)
         return True
 
-    def settle(self) -> None:
-        """At rest (between turns, while decoding): each head holds what it kept plus one decode interval."""
+    def settle(self, room: int | None = None) -> None:
+        """At rest (between turns, while decoding): each head holds what it kept plus one decode interval (or `room`)."""
         _cap, alloc, used = capi.cache_state(self.ctx)
-        self.resize(used + self.plan.decode_interval, alloc)
+        self.resize(used + (self.plan.decode_interval if room is None else room), alloc)
 
     def size_at_rest(self, tokens: int) -> None:
         """Size an empty cache as it is at rest after `tokens` tokens (a real allocation, for the memory report)."""
@@ -188,6 +192,9 @@ class CompressedCache:
     def decode_interval_full(self) -> bool:
         """Whether decoding has filled a decode interval past the capacities: time to compress back."""
         used = capi.cache_state(self.ctx)[2]
+        if self.policy.prunes_always:  # every decode interval, whatever the heads hold
+            self.decoded += 1
+            return self.decoded % self.plan.decode_interval == 0
         return bool(self.layers_over(used, self.head_capacities + self.plan.decode_interval - 1))
 
     def layers_over(self, used, targets, limits=None) -> list[int]:
@@ -195,6 +202,8 @@ class CompressedCache:
         for a policy whose heads share their layer's budget, the layer's total over its total or a head past
         its limit (vectorised: step() asks after every token)."""
         first = self.head0[:-1]
+        if self.policy.prunes_always:  # a score threshold prunes every layer at every compression point
+            return list(range(len(first)))
         if self.policy.shares_model_budget or self.policy.groups_layers:
             over = used.sum() > targets.sum() or (limits is not None and bool((used > limits).any()))
             return list(range(len(first))) if over else []

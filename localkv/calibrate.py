@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import LocalkvError
-from .profiles import (DEFAULT_POD_DELTA, POD_KIND, PROFILE_FORMAT, PROFILE_KIND, check_pod_delta, find_profile,
+from .profiles import (DEFAULT_POD_DELTA, KVZAP_KIND, POD_KIND, PROFILE_FORMAT, PROFILE_KIND, check_pod_delta, find_profile,
                        kv_scores, pod_blocks, read_profile, user_profile_path, write_profile)
 
 DEFAULT_PROBES = 24
@@ -254,7 +254,8 @@ def load_or_calibrate(engine, progress: Callable[[int, int], None] | None = None
 
 def load_or_calibrate_kind(engine, kind: str) -> tuple[dict, Path]:
     """The profile of `kind` a policy of the engine asks for (Engine.profile): read, else calibrated now."""
-    return {PROFILE_KIND: load_or_calibrate, POD_KIND: load_or_calibrate_pod}[kind](engine)
+    from .surrogate import load_or_calibrate_kvzap
+    return {PROFILE_KIND: load_or_calibrate, POD_KIND: load_or_calibrate_pod, KVZAP_KIND: load_or_calibrate_kvzap}[kind](engine)
 
 
 def _load_or_calibrate(engine, kind: str, shape: tuple[int, int], run: Callable[..., dict], probes: int,

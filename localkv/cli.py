@@ -27,6 +27,16 @@ _VERBOSE = False
 # options shared by the commands that load a model
 ModelOpt = typer.Option(None, "--model", "-m", help="registry name or path to a .gguf file [default: the default model]")
 PolicyOpt = typer.Option("full", "--policy", "-p", help="compression policy (see `localkv policies`)")
+# a conversation (chat, serve) compresses with --budget alone: the policy that remembers earlier turns best at the
+# cost of one prefill (docs/results.md, "KVzap: a chat that remembers at the cost of one prefill")
+CONVERSATION_POLICY = "kvzap"
+ConversationPolicyOpt = typer.Option(None, "--policy", "-p", help="compression policy (see `localkv policies`) "
+                                     f"[default: {CONVERSATION_POLICY} with --budget, else full]")
+
+
+def conversation_policy(policy: str | None, budget: int | None) -> str:
+    """The policy a conversation runs: the one asked for, else the conversation default with a budget, else full."""
+    return policy or (CONVERSATION_POLICY if budget is not None else "full")
 BudgetOpt = typer.Option(None, "--budget", "-b", help="tokens kept per KV head (sinks and window included)")
 PrefillOpt = typer.Option(None, "--prefill-budget",
                           help="tokens per KV head kept between prefill chunks: a working set while a prompt goes "
@@ -154,7 +164,7 @@ def generate(
 @app.command()
 def chat(
     model: Optional[str] = ModelOpt,
-    policy: str = PolicyOpt,
+    policy: Optional[str] = ConversationPolicyOpt,
     budget: Optional[int] = BudgetOpt,
     prefill_budget: Optional[int] = PrefillOpt,
     policy_arg: Optional[List[str]] = PolicyArgOpt,
@@ -172,6 +182,7 @@ def chat(
     two \"\"\" lines). /help lists commands and keys."""
     from .chat import ChatSession
     from .progress import PrefillProgress
+    policy = conversation_policy(policy, budget)
     run_guarded(lambda: ChatSession(
         lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
                              cache_type_k, cache_type_v, threads, gpu_layers, conversation=True,
@@ -184,7 +195,7 @@ def chat(
 @app.command()
 def serve(
     model: Optional[str] = ModelOpt,
-    policy: str = PolicyOpt,
+    policy: Optional[str] = ConversationPolicyOpt,
     budget: Optional[int] = BudgetOpt,
     prefill_budget: Optional[int] = PrefillOpt,
     policy_arg: Optional[List[str]] = PolicyArgOpt,
@@ -208,6 +219,8 @@ def serve(
     max_body: int = typer.Option(4 << 20, "--max-body", help="largest request body in bytes (413 beyond)"),
 ):
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) with compressed caches."""
+    policy = conversation_policy(policy, budget)
+
     def body():
         from . import serve as srv
         from .policies import parse_args
@@ -297,10 +310,11 @@ def _calibrated(kind: str, path: Path, sha: str, show: bool, probes: int, run) -
 def calibrate(
     model: Optional[str] = ModelOpt,
     policy: str = typer.Option("surfacelogickv", "--policy", "-p",
-                               help="the policy whose profile to build: surfacelogickv or pod"),
+                               help="the policy whose profile to build: surfacelogickv, pod or kvzap"),
     probes: Optional[int] = typer.Option(None, "--probes",
-                                         help="needle probes to run (500 to 2000 tokens each) "
-                                              "[default: 24 for surfacelogickv, 8 for pod]"),
+                                         help="needle probes to run (500 to 2000 tokens each), for kvzap "
+                                              "local documents to fit on (1000 tokens each) "
+                                              "[default: 24 for surfacelogickv, 8 for pod, 32 for kvzap]"),
     seed: int = typer.Option(0, "--seed"),
     show: bool = typer.Option(False, "--show", help="print the model's profile (calibrating only if it has none)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG heat map of the scores (layers x KV heads)"),
@@ -341,6 +355,18 @@ def calibrate(
         out.print(cal.pod_table(prof))
         footer(prof, found)
 
+    def kvzap(path, sha, n):
+        from . import calibrate as cal
+        from . import surrogate
+        prof, found = _calibrated(cal.KVZAP_KIND, path, sha, show, n, lambda progress: surrogate.calibrate_kvzap(
+            str(path), pieces=n, seed=seed, threads=threads, sha256=sha, progress=progress))
+        if as_json:
+            print(json.dumps({k: v for k, v in {**prof, "path": str(found)}.items() if k not in ("weights", "bias")},
+                             indent=1))
+            return
+        out.print(surrogate.fit_table(prof))
+        footer(prof, found)
+
     def footer(prof, found):
         out.print(f"profile {found} ({prof['probes']} probes, calibrated in {prof['seconds']:.0f} s on "
                   f"{prof['created']})")
@@ -351,22 +377,25 @@ def calibrate(
         from . import calibrate as cal
         from . import models
         from .memory import check_png_path
-        if policy not in (cal.PROFILE_KIND, cal.POD_KIND):
-            raise LocalkvError(f"calibrate builds profiles for {cal.POD_KIND} or {cal.PROFILE_KIND} only, "
-                               f"not '{policy}'")
+        if policy not in (cal.PROFILE_KIND, cal.POD_KIND, cal.KVZAP_KIND):
+            raise LocalkvError(f"calibrate builds profiles for {cal.PROFILE_KIND}, {cal.POD_KIND} or {cal.KVZAP_KIND} "
+                               f"only, not '{policy}'")
+        if plot is not None and policy == cal.KVZAP_KIND:
+            raise LocalkvError("--plot draws surfacelogickv and pod profiles; kvzap's fit is a table")
         if delta is not None and policy != cal.POD_KIND:
             raise LocalkvError(f"--delta applies to --policy {cal.POD_KIND} only")
         if delta is not None:
             cal.check_pod_delta(delta)
         if plot is not None:
             check_png_path(str(plot))
-        n = probes if probes is not None else (cal.DEFAULT_POD_PROBES if policy == cal.POD_KIND
-                                               else cal.DEFAULT_PROBES)
+        from .surrogate import DEFAULT_PIECES
+        n = probes if probes is not None else {cal.POD_KIND: cal.DEFAULT_POD_PROBES, cal.KVZAP_KIND: DEFAULT_PIECES}.get(
+            policy, cal.DEFAULT_PROBES)
         if n < 1:
             raise LocalkvError(f"--probes must be at least 1, got {n}")
         path = models.resolve(model, progress=sys.stderr.isatty())
         sha = models.file_sha256(path)
-        (pod if policy == cal.POD_KIND else surfacelogickv)(path, sha, n)
+        {cal.POD_KIND: pod, cal.KVZAP_KIND: kvzap}.get(policy, surfacelogickv)(path, sha, n)
     run_guarded(body)
 
 

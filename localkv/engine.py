@@ -345,8 +345,22 @@ class Engine:
 
     def _make_room(self, n: int, phase: str, targets=None) -> None:
         """Room for n more tokens in every head: grow the slots while under the phase's limit, else compress."""
-        if self.cache.grow_for(n, phase):
+        if phase == PREFILL and self.policy.shares_model_budget:
+            self._make_room_shared(n, targets)
+        elif self.cache.grow_for(n, phase):
             self.compress(phase, room=n, targets=targets)
+
+    def _make_room_shared(self, n: int, targets) -> None:
+        """_make_room for one threshold over every head: the working set is a total, not a share per head. Capped at
+        its share, no head could keep more than it while a long prompt goes in, and each compression would be a
+        uniform top-k; here a compression brings the total back to the targets' (each head within what it holds),
+        then every head is sized to what it kept plus the tokens that come."""
+        _cap, alloc, used = capi.cache_state(self.ctx)
+        if (used + n <= alloc).all():
+            return
+        if used.sum() + n * len(used) > self.cache.prefill_limits.sum():
+            self.compress(PREFILL, targets=targets)
+        self.cache.settle(room=n)
 
     def compress(self, phase: str, room: int = 0, targets=None) -> bool:
         """Bring every head over its target (default: its budget capacity) back to it.
@@ -464,6 +478,8 @@ class Engine:
                 self._set_phase(PREFILL, observe=last or self.cache.compresses_before(len(chunk), len(chunks[j + 1])))
             self._decode(chunk, want_logits and j == len(chunks) - 1)
             self._tick(len(chunk))
+            if self.compressing and self.policy.prunes_always and j < len(chunks) - 1:
+                self.compress(PREFILL)  # a score threshold: what scores under it never waits in the working set
         # question-aware: the last queries of the prompt decide what the budget keeps
         if self.compressing:
             self.compress(PREFILL)
@@ -521,7 +537,7 @@ class Engine:
         n_batch = self.plan.n_batch
         capi.set_replay(self.ctx, True)  # a sliding-window model's windowed layers are given back as they are now
         capi.set_hidden(self.ctx, min(self.policy.sinks, start), start)
-        capi.set_stats(self.ctx, {capi.STAT_MAX}, n_batch, query_heads=self.policy.query_heads)
+        capi.set_stats(self.ctx, {self.policy.replay_stat}, n_batch, query_heads=self.policy.query_heads)
         self._stats_phase = None
         try:
             for i in range(0, len(replay), n_batch):

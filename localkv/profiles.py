@@ -1,9 +1,9 @@
 """Calibration profiles: where they live, how they are read, checked and written, and what their numbers give.
 
 A profile is a JSON file keyed by the model file's sha256: the user's own (calibrated by `localkv calibrate`,
-in the user cache) is found before the one shipped with the package. Two kinds: SurfaceLogicKV's head scores
-and POD's layer similarities. Policies read profiles through this module; making one (running the probes)
-is localkv.calibrate's, which sits above the policies and the engine.
+in the user cache) is found before the one shipped with the package. Three kinds: SurfaceLogicKV's head scores,
+POD's layer similarities and KVzap's surrogate weights. Policies read profiles through this module; making
+one is localkv.calibrate's (KVzap's surrogate: localkv.surrogate's), which sit above the policies and the engine.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .fsutil import atomic_write
 PROFILE_FORMAT = 1
 PROFILE_KIND = "surfacelogickv"
 POD_KIND = "pod"
+KVZAP_KIND = "kvzap"
 SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "profiles"  # package data
 DEFAULT_POD_DELTA = 0.6  # the paper uses 0.5; on the default model, training-free, 0.6 is the most sharing that kept
 # every needle and a KL under 0.02 at 4K (docs/results.md, "POD: attention shared across layers")
@@ -80,6 +81,7 @@ class ProfileKind:
     ints: tuple[str, ...]     # integer arrays
     command: str              # what rebuilds it
     heads: str                # what the second dimension counts, for messages
+    significant: bool = False  # arrays rounded to 6 significant digits (weights of any scale), not 6 decimals
 
 
 def _check_surfacelogickv(data: dict) -> tuple[int, int] | None:
@@ -110,9 +112,23 @@ def _check_pod(data: dict) -> tuple[int, int] | None:
     return n_layer, sim.shape[1]
 
 
+def _check_kvzap(data: dict) -> tuple[int, int] | None:
+    """KVzap's surrogate: per layer a [KV heads, embedding] linear map and its [KV heads] bias, all finite."""
+    weights = np.asarray(data["weights"], dtype=np.float32)
+    bias = np.asarray(data["bias"], dtype=np.float32)
+    ok = weights.ndim == 3 and bias.shape == weights.shape[:2] and int(data["n_embd"]) == weights.shape[2] \
+        and np.isfinite(weights).all() and np.isfinite(bias).all()
+    if not ok:
+        return None
+    data["weights"], data["bias"] = weights, bias
+    return weights.shape[0], weights.shape[1]
+
+
 PROFILE_KINDS: dict[str, ProfileKind] = {
     PROFILE_KIND: ProfileKind(_check_surfacelogickv, ("surface", "logic"), (), "localkv calibrate", "heads"),
     POD_KIND: ProfileKind(_check_pod, ("similarity",), ("leaders",), "localkv calibrate --policy pod", "KV heads"),
+    KVZAP_KIND: ProfileKind(_check_kvzap, ("weights", "bias"), (), "localkv calibrate --policy kvzap", "KV heads",
+                            significant=True),
 }
 
 
@@ -187,7 +203,12 @@ def write_profile(profile: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     out = dict(profile)
     for key in spec.arrays:
-        out[key] = np.asarray(profile[key]).round(6).tolist()
+        a = np.asarray(profile[key], dtype=np.float64)
+        if spec.significant:
+            scale = 10.0 ** (5 - np.floor(np.log10(np.maximum(np.abs(a), 1e-30))))
+            out[key] = (np.round(a * scale) / scale).tolist()
+        else:
+            out[key] = a.round(6).tolist()
     for key in spec.ints:
         out[key] = np.asarray(profile[key]).astype(int).tolist()
 

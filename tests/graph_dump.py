@@ -11,52 +11,15 @@ import functools
 import numpy as np
 
 from localkv.capi import llama_cpp as ll  # loads the library on first use: importing this module needs none
-
-GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
-
-
-class GgmlTensor(ctypes.Structure):
-    """The leading fields of struct ggml_tensor (ggml/include/ggml.h), enough to read shape and name."""
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
-        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * GGML_MAX_SRC),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * GGML_MAX_NAME),
-    ]
-
-
-def _ggml_base_function(name: str):
-    """A function of the libggml-base that libllama loaded (found globally, else next to libllama)."""
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except AttributeError:
-        import pathlib
-        lib_dir = pathlib.Path(ll._lib._name).parent
-        return getattr(ctypes.CDLL(str(lib_dir / "libggml-base.so")), name)
-
-
-@functools.cache
-def _get():
-    f = _ggml_base_function("ggml_backend_tensor_get")
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    f.restype = None
-    return f
-
+from localkv.graph_tap import GgmlTensor, ggml_base_function
+from localkv.graph_tap import _tensor_get as _get
 
 F32 = 0
 
 
 @functools.cache
 def _op_name():
-    f = _ggml_base_function("ggml_op_name")
+    f = ggml_base_function("ggml_op_name")
     f.argtypes = [ctypes.c_int]
     f.restype = ctypes.c_char_p
     return f

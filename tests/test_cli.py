@@ -226,11 +226,19 @@ def test_calibrate_show_reads_the_shipped_profile_and_plots(tmp_path):
     rc, out, err = run("calibrate", "--show", "--json")
     prof = json.loads(out)
     assert prof["kind"] == "surfacelogickv" and len(prof["surface"]) == 24 and len(prof["surface"][0]) == 14
+    rc, out, err = run("calibrate", "--policy", "kvzap", "--show")
+    assert rc == 0, err
+    assert "test R" in out and "rank correlation" in out and "kvzap-" in out
+    rc, out, err = run("calibrate", "--policy", "kvzap", "--show", "--json")
+    prof = json.loads(out)
+    assert prof["kind"] == "kvzap" and prof["n_layer"] == 24 and "weights" not in prof and prof["test_r2"] > 0.5
 
 
 @pytest.mark.model  # no model, but the command loads the patched library before it checks
 def test_calibrate_bad_input():
-    assert_one_line_error(*run("calibrate", "--policy", "snapkv"), "surfacelogickv only")
+    assert_one_line_error(*run("calibrate", "--policy", "snapkv"), "kvzap only")
+    assert_one_line_error(*run("calibrate", "--policy", "kvzap", "--probes", "3"), "at least 7")
+    assert_one_line_error(*run("calibrate", "--policy", "kvzap", "--plot", "fit.png"), "kvzap's fit is a table")
     assert_one_line_error(*run("calibrate", "--show", "--plot", "heads.txt"), "PNG")
     assert_one_line_error(*run("calibrate", "--probes", "0"), "at least 1")
     assert_one_line_error(*run("generate", "hi", "-p", "snapkv", "-b", "64", "--policy-arg", "adaptive=maybe"),

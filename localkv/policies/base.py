@@ -177,6 +177,19 @@ class Policy:
         """Called once by the engine before it asks for capacities (a policy that needs the model's calibrated
         profile reads it here: engine.profile(kind))."""
 
+    def attach(self, ctx) -> None:
+        """Called once the compressed cache exists, before anything is fed (a policy whose scores the graph computes
+        hands its weights over here)."""
+
+    @property
+    def prunes_always(self) -> bool:
+        """Whether every compression point prunes (a score threshold: memory follows the content), not only when a
+        head is over its budget."""
+        return False
+
+    query_agnostic: ClassVar[bool] = False  # scores need no question: a long prompt is compressed chunk by chunk
+    replay_stat: ClassVar[int] = capi.STAT_MAX  # what a replay (reconstructs) computes
+
     def profile_kinds(self) -> set[str]:
         """The calibrated profiles (localkv.profiles kinds) `prepare` will ask the engine for."""
         return set()
@@ -394,6 +407,27 @@ class HeadAdaptive(Policy):
         counts = adaptive_counts(scores, view.head_used, view.head_capacity, self.adaptive_floor,
                                  view.head_used if view.limit is None else view.limit)
         return super().top_k(scores, replace(view, capacity=counts))
+
+
+def select_one_threshold(policy: Policy, views: list[LayerView], floor: float) -> list:
+    """One threshold over every layer and KV head (KVzip's and KVzap's budget mode): the total kept is the sum of
+    the heads' capacities, each head first keeping its protected slots and `floor` x its capacity (AdaKV's sharing
+    of a layer's budget, over every head of the model at once). Scores must be comparable across layers."""
+    scores = [policy.final_scores(v) for v in views]
+    heads = [(vi, h) for vi, v in enumerate(views) for h in range(v.n_head_kv)]
+    used = np.array([views[vi].head_used[h] for vi, h in heads], dtype=np.int64)
+    cap = np.array([views[vi].head_capacity[h] for vi, h in heads], dtype=np.int64)
+    limit = np.array([views[vi].head_used[h] if views[vi].limit is None else views[vi].limit[h]
+                      for vi, h in heads], dtype=np.int64)
+    flat = np.full((len(heads), max(used.max(initial=0), 1)), -np.inf)
+    for k, (vi, h) in enumerate(heads):
+        flat[k, :used[k]] = scores[vi][h, :used[k]]
+    counts = adaptive_counts(flat, used, cap, floor, limit)
+    out, k = [], 0
+    for vi, v in enumerate(views):
+        out.append(policy.top_k(scores[vi], replace(v, capacity=counts[k:k + v.n_head_kv])))
+        k += v.n_head_kv
+    return out
 
 
 def adaptive_counts(scores: np.ndarray, used: np.ndarray, capacity: np.ndarray, floor: float,

@@ -1,9 +1,7 @@
-from dataclasses import dataclass, replace
-
-import numpy as np
+from dataclasses import dataclass
 
 from .. import capi
-from .base import FRACTION, PREFILL, Policy, Range, adaptive_counts
+from .base import FRACTION, PREFILL, Policy, Range, select_one_threshold
 
 
 @dataclass
@@ -53,20 +51,4 @@ class KVzip(Policy):
     def select_layers(self, views):
         if self.layerwise or not views:
             return super().select_layers(views)
-        # one threshold: every head's protected slots and floor first, then the best scores anywhere
-        scores = [self.final_scores(v) for v in views]
-        heads = [(vi, h) for vi, v in enumerate(views) for h in range(v.n_head_kv)]
-        used = np.array([views[vi].head_used[h] for vi, h in heads], dtype=np.int64)
-        cap = np.array([views[vi].head_capacity[h] for vi, h in heads], dtype=np.int64)
-        limit = np.array([views[vi].head_used[h] if views[vi].limit is None else views[vi].limit[h]
-                          for vi, h in heads], dtype=np.int64)
-        flat = np.full((len(heads), max(used.max(initial=0), 1)), -np.inf)
-        for k, (vi, h) in enumerate(heads):
-            flat[k, :used[k]] = scores[vi][h, :used[k]]
-        # AdaKV's sharing of a layer's budget, over every head of the model at once
-        counts = adaptive_counts(flat, used, cap, self.head_floor, limit)
-        out, k = [], 0
-        for vi, v in enumerate(views):
-            out.append(self.top_k(scores[vi], replace(v, capacity=counts[k:k + v.n_head_kv])))
-            k += v.n_head_kv
-        return out
+        return select_one_threshold(self, views, self.head_floor)
