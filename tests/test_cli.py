@@ -259,3 +259,11 @@ def test_memory_shows_uneven_heads_for_surfacelogickv(tmp_path):
         assert " ".join(map(str, lm["head_capacities"])) in out
     assert png.stat().st_size > 10_000
 
+
+
+def test_a_conversation_compresses_with_kvzap_given_a_budget_alone():
+    from localkv.cli import CONVERSATION_POLICY, conversation_policy
+    assert CONVERSATION_POLICY == "kvzap"
+    assert conversation_policy(None, 512) == "kvzap"
+    assert conversation_policy(None, None) == "full"
+    assert conversation_policy("snapkv", 512) == "snapkv"

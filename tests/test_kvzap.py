@@ -259,3 +259,51 @@ def test_threshold_mode_follows_the_content_and_holds_the_budget(model_path):
                 recent = p >= eng.n_past - 32 - eng.decode_interval  # the window, and what was decoded since
                 assert ((s >= -3 - 1e-4) | recent | (p < 4)).all()
         assert used.mean() < 200  # the threshold dropped more than the budget asks
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "gemma3", "gpt-oss"])
+def test_the_scorer_finds_the_attention_input_of_every_architecture(tmp_path, name):
+    """The graph walk from K back to the attention's input works for separate and fused QKV projections, QK-norm,
+    attention sinks and sliding-window models (their compressed layers): STAT_SCORE equals NumPy on attn_norm."""
+    from localkv.synthetic import SHAPES, write_random_model
+    shape = SHAPES[name]
+    path = str(write_random_model(tmp_path / f"{name}.gguf", name))
+    rng = np.random.default_rng(1)
+    with make_engine(path, policy="snapkv", budget=256, chunk=64, ctx=1024) as eng:
+        layers = [il for il, _k, _v in eng.kv_layers]
+        dump = GraphDump({f"attn_norm-{il}" for il in layers}, widths={f"attn_norm-{il}": shape.n_embd for il in layers})
+    with make_engine(path, policy="snapkv", budget=256, chunk=64, ctx=1024, eval_callback=dump.callback) as eng:
+        weights = [(rng.standard_normal((shape.n_head_kv, shape.n_embd)), rng.standard_normal(shape.n_head_kv))
+                   for _ in layers]
+        for i, (w, b) in enumerate(weights):
+            capi.set_scorer(eng.ctx, i, w, b)
+        capi.set_stats(eng.ctx, [capi.STAT_SCORE], 16)
+        eng._stats_phase = "manual"
+        raw_decode(eng, eng.model.tokenize(TEXT)[:40])
+        dump.end_pass()
+        for i, il in enumerate(layers):
+            w, b = weights[i]
+            want = (dump.tensors[f"attn_norm-{il}"][0][0].astype(np.float64) @ w.T + b).T
+            got = capi.get_stat(eng.ctx, i, capi.STAT_SCORE, shape.n_head_kv)
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_scorer_arguments_are_checked(model_path):
+    with make_engine(model_path, policy="snapkv", budget=64) as eng:
+        with pytest.raises(capi.CapiError, match="embedding width"):
+            capi.set_scorer(eng.ctx, 0, np.zeros((2, 100)), np.zeros(2))
+        with pytest.raises(capi.CapiError, match="no cached layer"):
+            capi.set_scorer(eng.ctx, 24, np.zeros((2, N_EMBD)), np.zeros(2))
+        capi.set_scorer(eng.ctx, 0, np.zeros((2, N_EMBD)), np.zeros(2))
+        capi.set_scorer(eng.ctx, 0)  # removed
+
+
+def test_kvzap_refuses_what_it_cannot_do():
+    from localkv import policies
+    from localkv.errors import LocalkvError
+    for args in ({}, {"threshold": "-3"}):
+        with pytest.raises(LocalkvError, match="one set of tokens"):
+            policies.create("pod+kvzap", args).validate(256)
+    for bad in ("inf", "nan", "x"):
+        with pytest.raises(policies.PolicyArgError, match="threshold"):
+            policies.create("kvzap", {"threshold": bad})

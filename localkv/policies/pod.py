@@ -78,9 +78,9 @@ class POD(Policy):
             return
         if self.evict.reconstructs:
             raise LocalkvError(f"{self.name}: replay hides positions a POD follower needs; it does not compose with POD")
-        if self.evict.shares_layer_budget or self.evict.shares_model_budget:
+        if self.evict.shares_layer_budget or self.evict.shares_model_budget or self.evict.prunes_always:
             raise LocalkvError(f"{self.name}: a POD group holds one set of tokens, so its heads cannot share budgets "
-                               "unevenly (adaptive)")
+                               "unevenly (adaptive heads, one threshold over all heads, a score threshold)")
         self.evict.validate(budget)
         prox = self.proximal_size(budget)
         if prox <= self.sinks or prox > budget:
@@ -115,6 +115,10 @@ class POD(Policy):
             self.leaders = protect_retrieval_heads(self.leaders, engine, self.protect)
         if self.evict is not None:
             self.evict.prepare(engine)
+
+    def attach(self, ctx):
+        if self.evict:
+            self.evict.attach(ctx)
 
     def profile_kinds(self):
         own = set() if self.profile else {POD_KIND}
