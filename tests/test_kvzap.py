@@ -307,3 +307,30 @@ def test_kvzap_refuses_what_it_cannot_do():
     for bad in ("inf", "nan", "x"):
         with pytest.raises(policies.PolicyArgError, match="threshold"):
             policies.create("kvzap", {"threshold": bad})
+
+
+def test_calibration_end_to_end_writes_a_profile_the_policy_reads(model_path, tmp_path, monkeypatch):
+    """A small fit (7 short documents): train, validation and test pieces, a profile written atomically and read
+    back by the policy through the user cache, and a fit that predicts something (positive rank correlation)."""
+    from localkv import profiles, surrogate
+    from localkv.models import file_sha256
+    docs = []
+    for k in range(7):
+        p = tmp_path / f"doc{k}.txt"
+        p.write_text(" ".join(f"Line {k}.{j}: the {['pump', 'valve', 'gauge'][j % 3]} reads {j * 7 + k} units "
+                              f"at station {chr(65 + k)}." for j in range(60)))
+        docs.append(p)
+    sha = file_sha256(model_path)
+    prof = surrogate.calibrate_kvzap(model_path, pieces=7, files=docs, piece=120, threads=2, sha256=sha)
+    assert prof["weights"].shape == (N_LAYER, N_HEAD_KV, N_EMBD) and prof["bias"].shape == (N_LAYER, N_HEAD_KV)
+    assert sorted(prof["documents"]) == [f"files:doc{k}.txt" for k in range(7)]
+    assert np.isfinite(prof["test_r2"]) and prof["test_spearman"] > 0.2
+    monkeypatch.setenv("LOCALKV_CACHE", str(tmp_path / "cache"))
+    path = profiles.user_profile_path(sha, "kvzap")
+    profiles.write_profile(prof, path)
+    back = profiles.read_profile(path, sha, (N_LAYER, N_HEAD_KV), kind="kvzap")
+    np.testing.assert_allclose(back["weights"], prof["weights"], rtol=1e-5, atol=1e-12)
+    with make_engine(model_path, policy="kvzap", budget=64) as eng:
+        assert eng.profile("kvzap")[1] == path  # the user's own fit wins over the shipped one
+        res = eng.generate("Say hi.", max_tokens=4, temperature=0)
+        assert res.generated_tokens > 0
