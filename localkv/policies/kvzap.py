@@ -19,10 +19,10 @@ class KVzap(Policy):
     chunk in a working set of the budget plus one chunk, and decoding prunes as it goes.
 
     Budget mode (the default): one threshold over every layer and KV head at the budget's bytes, each head keeping
-    at least `head_floor` x its capacity (as kvzip). Threshold mode (`threshold=T`, a log score; the paper uses
-    about -4 to -6 on 8B models): every compression drops the tokens scored under T, so memory follows the
-    content, and the budget still bounds each head. The first `sinks` and the last `window` positions are always
-    kept, and whole words as every policy does.
+    at least `head_floor` x its capacity (as kvzip). Threshold mode (`threshold=T`, a log score on the model's
+    own scale; kvpress's example uses -4 on 8B models): every compression drops the tokens scored under T, so
+    memory follows the content, and the budget still bounds each head. The first `sinks` and the last `window`
+    positions are always kept, and whole words as every policy does.
     """
 
     name = "kvzap"
