@@ -191,10 +191,10 @@ class CompressedCache:
 
     def decode_interval_full(self) -> bool:
         """Whether decoding has filled a decode interval past the capacities: time to compress back."""
-        used = capi.cache_state(self.ctx)[2]
         if self.policy.prunes_always:  # every decode interval, whatever the heads hold
             self.decoded += 1
             return self.decoded % self.plan.decode_interval == 0
+        used = capi.cache_state(self.ctx)[2]
         return bool(self.layers_over(used, self.head_capacities + self.plan.decode_interval - 1))
 
     def layers_over(self, used, targets, limits=None) -> list[int]:

@@ -84,11 +84,12 @@ class HiddenTap:
             return False if ask else True
         t = ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents
         name = t.name.decode(errors="replace")
-        if not name.startswith(self.PREFIX) or t.ne[0] != self.n_embd:
+        layer = name[len(self.PREFIX):]
+        if not name.startswith(self.PREFIX) or not layer.isdigit() or t.ne[0] != self.n_embd:
             return False if ask else True
         if ask:
             return True
         x = read_f32(t_ptr, t)
         if x is not None:
-            self.states.setdefault(int(name[len(self.PREFIX):]), []).append(x.reshape(-1, self.n_embd))
+            self.states.setdefault(int(layer), []).append(x.reshape(-1, self.n_embd))
         return True

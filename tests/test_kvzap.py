@@ -175,8 +175,8 @@ def test_calibration_targets_match_numpy_kvzip_plus(model_path):
 
 
 def _profile_weights(eng):
-    from localkv.policies.kvzap import KIND
-    profile, _path = eng.profile(KIND)
+    from localkv.profiles import KVZAP_KIND
+    profile, _path = eng.profile(KVZAP_KIND)
     return profile["weights"].astype(np.float64), profile["bias"].astype(np.float64)
 
 

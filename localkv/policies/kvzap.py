@@ -4,9 +4,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import capi
+from ..profiles import KVZAP_KIND
 from .base import FRACTION, Policy, Range, select_one_threshold
-
-KIND = "kvzap"  # the profile kind holding the surrogate's weights (localkv.profiles)
 
 
 @dataclass
@@ -46,10 +45,10 @@ class KVzap(Policy):
         return 1
 
     def profile_kinds(self):
-        return {KIND}
+        return {KVZAP_KIND}
 
     def prepare(self, engine):
-        profile, _path = engine.profile(KIND)
+        profile, _path = engine.profile(KVZAP_KIND)
         self._weights = (profile["weights"], profile["bias"])
 
     def attach(self, ctx):

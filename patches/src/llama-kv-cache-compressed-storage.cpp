@@ -434,9 +434,9 @@ int32_t llama_kv_cache_compressed::set_scorer(int32_t i, int32_t n_in, int32_t n
     }
     scorers.resize(layers.size());
     scorer & sc = scorers[i];
-    epoch = next_storage_epoch(); // a graph built with the old weights (or none) is never reused
     if (!w1) {
         sc = scorer();
+        epoch = next_storage_epoch(); // a graph built with the scorer is never reused
         return LLAMA_LOCALKV_OK;
     }
     const auto & layer = layers[i];
@@ -469,5 +469,6 @@ int32_t llama_kv_cache_compressed::set_scorer(int32_t i, int32_t n_in, int32_t n
         ggml_backend_tensor_set(next.b2, b2, 0, ggml_nbytes(next.b2));
     }
     sc = std::move(next);
+    epoch = next_storage_epoch(); // a graph built with the old weights (or none) is never reused
     return LLAMA_LOCALKV_OK;
 }
