@@ -25,9 +25,47 @@ DEFAULT_CTX = 4096
 DEFAULT_PREFILL_BUDGET = 4096
 
 
+# attention calls per cached layer: a layer's heads are padded into at most this many runs of equal slots (the C
+# side attends a run of heads with equal slots in one call, whatever each holds); more runs, fewer padded bytes
+ATTENTION_PARTS = 2
+
+
 def pad_slots(n: int) -> int:
     """Slots as the compressed cache allocates them (a multiple of 32, at least one)."""
     return max(32, -(-int(n) // 32) * 32)
+
+
+def group_slots(slots, max_parts: int) -> list[int]:
+    """One layer's per-head slots raised so that consecutive heads form at most `max_parts` runs of equal slots,
+    with the fewest slots added (each run takes its largest head's): an exact split of the heads into runs."""
+    s = [int(x) for x in slots]
+    n = len(s)
+    if n == 0 or max_parts >= n or len(set(s)) <= 1:
+        return s
+    # cost[a][b]: slots added when heads a..b-1 form one run
+    cost = [[0] * (n + 1) for _ in range(n + 1)]
+    for a in range(n):
+        top = total = 0
+        for b in range(a + 1, n + 1):
+            top, total = max(top, s[b - 1]), total + s[b - 1]
+            cost[a][b] = top * (b - a) - total
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_parts + 1)]  # best[k][b]: heads 0..b-1 in k runs
+    cut = [[0] * (n + 1) for _ in range(max_parts + 1)]
+    best[0][0] = 0
+    for k in range(1, max_parts + 1):
+        for b in range(1, n + 1):
+            for a in range(k - 1, b):
+                c = best[k - 1][a] + cost[a][b]
+                if c < best[k][b]:
+                    best[k][b], cut[k][b] = c, a
+    k = min(range(1, max_parts + 1), key=lambda k: best[k][n])
+    out, b = list(s), n
+    while b > 0:
+        a = cut[k][b]
+        out[a:b] = [max(s[a:b])] * (b - a)
+        b, k = a, k - 1
+    return out
 
 
 def context_limit(ctx: int | None, shape) -> int:
@@ -115,6 +153,9 @@ class CompressedCache:
         self._count_slot_bytes()
         self.peak_bytes = capi.memory_bytes(ctx)  # the most the buffers have held (a long prompt's working set)
         self.reallocations = 0  # resizes (growing for a prompt, shrinking at rest)
+        # attention calls per layer (see ATTENTION_PARTS); a POD follower attends on its own, so POD pads nothing
+        self.max_parts = max(kv_heads, default=1) if shares_attention(policy) else ATTENTION_PARTS
+        self._requested = None  # the slots last asked for (the C side may pad them further, to 256 on a GPU)
         self.decoded = 0  # tokens decoded (a policy that prunes always compresses every decode interval)
 
     def _count_slot_bytes(self) -> None:
@@ -137,11 +178,21 @@ class CompressedCache:
 
     # ---------------------------------------------------------------- resizing
 
+    def layout(self, slots) -> list[int]:
+        """Per-head slots as they are allocated: padded to 32, and each layer's heads grouped into at most
+        max_parts runs of equal slots."""
+        padded = [pad_slots(s) for s in slots]
+        out: list[int] = []
+        for i in range(len(self.head0) - 1):
+            out += group_slots(padded[self.head0[i]:self.head0[i + 1]], self.max_parts)
+        return out
+
     def resize(self, slots, alloc) -> None:
-        """Reallocate every head to `slots` (padded like the C side) unless that changes nothing."""
-        slots = [pad_slots(s) for s in slots]
-        if slots != [int(a) for a in alloc]:
+        """Reallocate every head to `slots` (laid out as the C side attends them) unless that changes nothing."""
+        slots = self.layout(slots)
+        if slots != self._requested and not (self._requested is None and slots == [int(a) for a in alloc]):
             capi.resize(self.ctx, self.head_capacities, slots)
+            self._requested = slots
             self.reallocations += 1
             self.peak_bytes = max(self.peak_bytes, capi.memory_bytes(self.ctx))
 
@@ -223,9 +274,9 @@ class CompressedCache:
         if self.policy.reconstructs:
             # what was kept before the last span, the span, and its replay (a prefix of under 64 tokens)
             span = min(tokens, self.policy.replay_chunk)
-            return int(sum(b * pad_slots(min(cap, tokens - span) + 2 * span + 64 + 1)
-                           for b, cap in zip(self.slot_bytes, self.head_capacities)))
+            slots = [min(cap, tokens - span) + 2 * span + 64 + 1 for cap in self.head_capacities]
+            return int(sum(b * n for b, n in zip(self.slot_bytes, self.layout(slots))))
         slots = [min(limit, tokens + chunk) for limit in self.prefill_limits]
         if self.policy.keeps_all:
             slots = [tokens for _ in slots]  # one reallocation for the whole prompt
-        return int(sum(b * pad_slots(n) for b, n in zip(self.slot_bytes, slots)) + self.pod_k_bytes.sum())
+        return int(sum(b * n for b, n in zip(self.slot_bytes, self.layout(slots))) + self.pod_k_bytes.sum())

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import LocalkvError
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 FIX = "run ./install.sh (it builds and installs the patched llama.cpp)"
 
 # enum llama_localkv_stat
@@ -89,6 +89,8 @@ _SIGNATURES = {
     "llama_localkv_keep": (c_int32, [c_void_p, c_int32, POINTER(c_int32), POINTER(c_int32)]),
     "llama_localkv_stats_bytes": (c_int64, [c_void_p]),
     "llama_localkv_transfer_bytes": (c_int64, [c_void_p]),
+    "llama_localkv_transfers": (c_int64, [c_void_p]),
+    "llama_localkv_get_stats": (c_int64, [c_void_p, c_int32, c_bool, POINTER(c_float), c_size_t]),
     "llama_localkv_read_rows": (c_int32, [c_void_p, c_int32, c_int32, c_void_p, c_size_t]),
     "llama_localkv_set_pod": (c_int32, [c_void_p, POINTER(c_int32), c_int32, c_uint32, c_uint32]),
     "llama_localkv_pod_state": (c_int32, [c_void_p, POINTER(c_int32), POINTER(c_uint32), POINTER(c_uint32),
@@ -317,6 +319,24 @@ def get_stat(ctx, i: int, stat: int, n_heads: int, sum_per_kv_head: bool = False
     return _ragged(buf, rows, 0.0)
 
 
+def get_stats(ctx, stat: int, heads: list[int], used: np.ndarray, sum_per_kv_head: bool = False) -> list[np.ndarray]:
+    """get_stat of every cached layer in one call (one transfer per device): a [heads[i], n_used] array per layer.
+    `heads`: rows per layer (query or KV heads, as requested); `used`: every head's fill, layer after layer."""
+    kv = kv_heads(ctx)
+    first = np.concatenate([[0], np.cumsum(kv)]).astype(int)
+    rows = [np.repeat(np.asarray(used[first[i]:first[i + 1]]), heads[i] // kv[i]) for i in range(len(kv))]
+    buf = np.empty(int(sum(r.sum() for r in rows)), dtype=np.float32)
+    got = _check("get_stats", lib.llama_localkv_get_stats(
+        ctx, stat, sum_per_kv_head, buf.ctypes.data_as(POINTER(c_float)), buf.size))
+    assert got == buf.size
+    out, at = [], 0
+    for r in rows:
+        n = int(r.sum())
+        out.append(_ragged(buf[at:at + n], r, 0.0))
+        at += n
+    return out
+
+
 def keep(ctx, i: int, slots) -> None:
     """Keep slots[h] in KV head h of the i-th layer (a [n_head_kv, n_keep] array, or one array per head when
     the heads keep different counts); free the rest."""
@@ -327,6 +347,11 @@ def keep(ctx, i: int, slots) -> None:
     flat = np.ascontiguousarray(np.concatenate(rows) if rows else np.empty(0, dtype=np.int32), dtype=np.int32)
     _check("keep", lib.llama_localkv_keep(ctx, i, flat.ctypes.data_as(POINTER(c_int32)),
                                           counts.ctypes.data_as(POINTER(c_int32))))
+
+
+def transfers(ctx) -> int:
+    """Synchronous host-device transfers compression has made since enable."""
+    return _check("transfers", lib.llama_localkv_transfers(ctx))
 
 
 def stats_bytes(ctx) -> int:

@@ -35,6 +35,7 @@ from .errors import Interrupted, LocalkvError
 from .generation import GenerationResult, Reply, peak_rss_bytes, sample_reply
 from .llama import TYPE_BYTES, Model, cache_type, init_backend, last_log_error, ll
 from .policies import DECODE, PREFILL, LayerView
+from .policies.base import StatReader
 
 # the CLI, the server, the bench and the tests import these from here
 __all__ = ["DEFAULT_CHUNK", "DEFAULT_CTX", "DEFAULT_PREFILL_BUDGET", "Engine", "GenerationResult", "LayerMemory",
@@ -317,8 +318,9 @@ class Engine:
         """The entries of cached layer i in per-head arrays (a compressed cache's, in the C API's order)."""
         return self.cache.heads_of(i)
 
-    def layer_view(self, i: int, phase: str, capacity=None, used=None) -> LayerView:
-        """What the policy sees of layer i; `capacity`/`used`: per-head values the caller already read."""
+    def layer_view(self, i: int, phase: str, capacity=None, used=None, reader: StatReader | None = None) -> LayerView:
+        """What the policy sees of layer i; `capacity`/`used`: per-head values the caller already read; `reader`:
+        the statistics of every layer, shared by the views of one compression."""
         if capacity is None or used is None:
             cap, _alloc, used = capi.head_state(self.ctx, i)
             capacity = cap if capacity is None else capacity
@@ -327,13 +329,14 @@ class Engine:
                          n_head=self.shape.n_head, n_head_kv=len(used),
                          capacity=np.asarray(capacity),
                          positions=positions, n_seen=self.n_past, phase=phase,
-                         words=self.conversation.words.of(positions), used=used)
+                         words=self.conversation.words.of(positions), used=used, reader=reader)
 
     def layer_views(self, phase: str) -> list[LayerView]:
         """What the policy sees of every cached layer now (the per-head counts read once for all layers)."""
         cap, _alloc, used = capi.cache_state(self.ctx)
         heads = [self.heads_of(i) for i in range(len(self.kv_layers))]
-        return [self.layer_view(i, phase, capacity=cap[h], used=used[h]) for i, h in enumerate(heads)]
+        reader = StatReader(self.ctx, self.shape.n_head, [h.stop - h.start for h in heads], used)
+        return [self.layer_view(i, phase, capacity=cap[h], used=used[h], reader=reader) for i, h in enumerate(heads)]
 
     def kv_bytes_allocated(self) -> int:
         """The KV buffers llama.cpp holds now (from its memory breakdown)."""
@@ -379,7 +382,8 @@ class Engine:
         limits = alloc - room if room else used
         layers = self.cache.layers_over(used, targets, limits)
         heads = self.cache.heads_of
-        views = [self.layer_view(i, phase, capacity=targets[heads(i)], used=used[heads(i)]) for i in layers]
+        reader = StatReader(self.ctx, self.shape.n_head, [len(used[heads(i)]) for i in range(len(self.kv_layers))], used)
+        views = [self.layer_view(i, phase, capacity=targets[heads(i)], used=used[heads(i)], reader=reader) for i in layers]
         for v in views:
             v.limit = limits[heads(v.index)]
         # every layer is chosen before any is compacted: a policy may weigh the layers together

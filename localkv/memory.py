@@ -90,7 +90,7 @@ def totals_table(rep: MemoryReport) -> Table:
     if rep.kv_bytes_windowed:
         t.add_row("of which windowed layers", fmt_bytes(rep.kv_bytes_windowed), f"{rep.kv_bytes_windowed / full:.1%}")
     if rep.kv_stats_bytes:
-        t.add_row("statistics buffers", fmt_bytes(rep.kv_stats_bytes), f"{rep.kv_stats_bytes / full:.1%}")
+        t.add_row("statistics and masks", fmt_bytes(rep.kv_stats_bytes), f"{rep.kv_stats_bytes / full:.1%}")
     t.add_row("compute buffers", fmt_bytes(rep.compute_bytes), "")
     return t
 

@@ -317,7 +317,8 @@ def test_compaction_on_the_backend_is_bit_exact(model_path, ctype):
         before = {i: (capi.read_rows(eng.ctx, i, 0), capi.read_rows(eng.ctx, i, 1),
                       capi.get_stat(eng.ctx, i, capi.STAT_OBS, N_HEAD_KV, True),
                       capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV)) for i in layers}
-        moved = capi.transfer_bytes(eng.ctx)
+        moved, transfers = capi.transfer_bytes(eng.ctx), capi.transfers(eng.ctx)
+        alloc = capi.layer_state(eng.ctx, 0)[1]
         keeps = {}
         for i in layers:
             keeps[i] = np.stack([np.sort(rng.choice(100, size=37, replace=False)) for _ in range(N_HEAD_KV)])
@@ -338,26 +339,32 @@ def test_compaction_on_the_backend_is_bit_exact(model_path, ctype):
                                           np.take_along_axis(obs0, keeps[i], 1))
             np.testing.assert_array_equal(capi.get_stat(eng.ctx, i, capi.STAT_VNORM, N_HEAD_KV),
                                           np.take_along_axis(vn0, keeps[i], 1))
-        # host <-> backend traffic of the compaction: the int32 indices of each layer, nothing else
-        read_after = sum(2 * keeps[i].shape[1] * N_HEAD_KV * 4 for i in layers)   # the two statistics just read
+        # host <-> backend traffic of the compaction: every layer's int32 indices in one upload, and zeros for the
+        # freed slots' statistics (the largest run's) in another; no K or V byte. Each statistic read is one
+        # transfer of the layer's block
+        read_after = len(layers) * 2 * N_HEAD_KV * alloc * 4
         indices = sum(keeps[i].size * 4 for i in layers)
-        assert capi.transfer_bytes(eng.ctx) - moved == indices + read_after
+        zeros = (alloc - min(keeps[i].shape[1] for i in layers)) * N_HEAD_KV * 4
+        assert capi.transfer_bytes(eng.ctx) - moved == indices + zeros + read_after
+        assert capi.transfers(eng.ctx) - transfers == 2 + 2 * len(layers)
         raw_decode(eng, tokens[100:110], True)   # decoding goes on over the moved rows
 
 
 def test_statistics_are_allocated_on_demand_per_kv_head(model_path):
     with make_engine(model_path, policy="snapkv", budget=64, chunk=64) as eng:
-        assert capi.stats_bytes(eng.ctx) == 0
+        live = N_LAYER * N_HEAD_KV * capi.layer_state(eng.ctx, 0)[1] * 2         # the live masks: F16 per slot
+        assert capi.stats_bytes(eng.ctx) == live
         raw_decode(eng, eng.model.tokenize(TEXT)[:40])
         slots = capi.layer_state(eng.ctx, 0)[1]
+        live = N_LAYER * N_HEAD_KV * slots * 2
         capi.set_stats(eng.ctx, [capi.STAT_OBS], 16)
-        assert capi.stats_bytes(eng.ctx) == N_LAYER * N_HEAD_KV * slots * 4     # one statistic, per KV head
-        capi.set_stats(eng.ctx, [capi.STAT_ACC], 16)                           # kept, not computed, while off
-        assert capi.stats_bytes(eng.ctx) == 2 * N_LAYER * N_HEAD_KV * slots * 4
+        assert capi.stats_bytes(eng.ctx) == live + N_LAYER * N_HEAD_KV * slots * 4     # one statistic, per KV head
+        capi.set_stats(eng.ctx, [capi.STAT_ACC], 16)                                  # kept, not computed, while off
+        assert capi.stats_bytes(eng.ctx) == live + 2 * N_LAYER * N_HEAD_KV * slots * 4
         with pytest.raises(LocalkvError, match="per KV head"):
             capi.get_stat(eng.ctx, 0, capi.STAT_OBS, N_HEAD, sum_per_kv_head=False)
-        capi.set_stats(eng.ctx, [capi.STAT_OBS], 16, query_heads=True)        # per query head: started afresh
-        assert capi.stats_bytes(eng.ctx) == N_LAYER * N_HEAD * slots * 4
+        capi.set_stats(eng.ctx, [capi.STAT_OBS], 16, query_heads=True)               # per query head: started afresh
+        assert capi.stats_bytes(eng.ctx) == live + N_LAYER * N_HEAD * slots * 4
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "ahakv"])
@@ -466,7 +473,7 @@ def test_c_api_errors_are_codes_not_crashes(model_path):
         plain.reset()
         assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == 0
         assert lib.llama_localkv_enable(ctx, caps, slots, N_HEADS) == -3       # already on
-        assert lib.llama_localkv_stats_bytes(ctx) == 0                         # statistics only when asked for
+        assert lib.llama_localkv_stats_bytes(ctx) == N_HEADS * 128 * 2             # the live masks; statistics only when asked for
         assert lib.llama_localkv_get_stat(ctx, 0, 0, True, None, 0) == -3      # never switched on
 
         assert lib.llama_localkv_set_stats(ctx, 1 << 10, 32) == -1

@@ -55,6 +55,22 @@ KERNEL = Range(1, 4096)             # a pooling width in slots
 FRACTION = Range(0.0, 1.0)
 
 
+class StatReader:
+    """The statistics of one compression, read for every layer at once: one call (one transfer per device) per
+    statistic, however many layers the policy reads, instead of one per layer."""
+
+    def __init__(self, ctx, n_head: int, kv_heads: list[int], used: np.ndarray):
+        self.ctx, self.n_head, self.kv_heads, self.used = ctx, n_head, list(kv_heads), np.asarray(used)
+        self._read: dict[tuple[int, bool], list[np.ndarray]] = {}
+
+    def layer(self, i: int, kind: int, per_kv_head: bool) -> np.ndarray:
+        key = (kind, per_kv_head)
+        if key not in self._read:
+            heads = [kv if (per_kv_head or kind in capi.WRITTEN_WITH_TOKEN) else self.n_head for kv in self.kv_heads]
+            self._read[key] = capi.get_stats(self.ctx, kind, heads, self.used, per_kv_head)
+        return self._read[key][i]
+
+
 @dataclass
 class LayerView:
     """What a policy sees of one cached layer when the engine compresses it."""
@@ -72,6 +88,7 @@ class LayerView:
     words: np.ndarray | None = None  # [n_head_kv, n_used] word id of each slot's token (localkv.words)
     used: np.ndarray | None = None   # [n_head_kv] slots each head holds (None: all n_used)
     limit: np.ndarray | None = None  # [n_head_kv] the most a head may keep (its slots less the room asked for)
+    reader: StatReader | None = field(default=None, repr=False)  # every layer's statistics of this compression
     _stats: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -100,7 +117,9 @@ class LayerView:
     def stat(self, kind: int, per_kv_head: bool = True) -> np.ndarray:
         """A statistic of this layer: [n_head_kv or n_head, n_used] float32 (read once, then cached)."""
         key = (kind, per_kv_head)
-        if key not in self._stats:
+        if key not in self._stats and self.reader is not None:
+            self._stats[key] = self.reader.layer(self.index, kind, per_kv_head)
+        elif key not in self._stats:
             heads = self.n_head_kv if (per_kv_head or kind in capi.WRITTEN_WITH_TOKEN) else self.n_head
             self._stats[key] = capi.get_stat(self.ctx, self.index, kind, heads, per_kv_head, used=self.head_used)
         return self._stats[key]

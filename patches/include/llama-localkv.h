@@ -13,7 +13,7 @@
 
 // Bumped whenever a declaration in this header changes meaning or signature.
 // localkv's Python bindings refuse to run against a library with another value.
-#define LLAMA_LOCALKV_ABI_VERSION 10
+#define LLAMA_LOCALKV_ABI_VERSION 11
 
 #ifdef __cplusplus
 extern "C" {
@@ -323,6 +323,16 @@ extern "C" {
                            float * out,
                           size_t   n_out);
 
+    // llama_localkv_get_stat for every cached layer, layer after layer, in one
+    // call: one transfer per device (each device's layers are one block).
+    // Returns the floats written, or an error code.
+    LLAMA_API int64_t llama_localkv_get_stats(
+            struct llama_context * ctx,
+                         int32_t   stat,
+                            bool   sum_per_kv_head,
+                           float * out,
+                          size_t   n_out);
+
     // Keep, in each KV head h of the i-th layer, n_keep[h] of its tokens: the
     // slots listed head after head in `slots` (head h's n_keep[h] entries
     // follow head h-1's; distinct, each < that head's slots in use), and free
@@ -336,13 +346,17 @@ extern "C" {
                    const int32_t * slots,
                    const int32_t * n_keep);
 
-    // Bytes of the statistics buffers (not part of the KV buffers).
+    // Bytes of the statistics buffers and the per-slot attention masks (not part of the KV buffers).
     LLAMA_API int64_t llama_localkv_stats_bytes(const struct llama_context * ctx);
 
     // Bytes moved between host and backend by compression since enable:
-    // indices uploaded by keep, statistics read, and row copies of the host
-    // fallback (a cache type whose per-head rows are not whole 4-byte words).
+    // indices uploaded by keep, statistics read, the per-slot masks written
+    // after a keep, and row copies of the host fallback (a cache type whose
+    // per-head rows are not whole 4-byte words).
     LLAMA_API int64_t llama_localkv_transfer_bytes(const struct llama_context * ctx);
+
+    // The synchronous transfers (reads, writes, clears) that moved them.
+    LLAMA_API int64_t llama_localkv_transfers(const struct llama_context * ctx);
 
     // The raw bytes of the K (which = 0) or V (1) rows of the i-th layer's
     // slots in use, as stored: one row per (KV head, slot), head after head.

@@ -30,6 +30,28 @@ ggml_tensor * llama_kv_cache_compressed::get_v(ggml_context * ctx, int32_t i, co
     return part_view(ctx, layers[i].v, part, part.base);
 }
 
+// the K or V rows of a part as one stream per KV head, the layout upstream's attention takes for its streams:
+// [n_embd_head, 1, n_kv, n_heads], stream j at row base + j*alloc
+static ggml_tensor * stream_view(ggml_context * ctx, ggml_tensor * t, const llama_kv_compressed_part & part, uint32_t base) {
+    const size_t row = t->nb[1];
+    return ggml_view_4d(ctx, t, t->ne[0], 1, part.n_kv, part.n_heads, row, row, part.alloc*row, base*row);
+}
+
+ggml_tensor * llama_kv_cache_compressed::get_k_streams(ggml_context * ctx, int32_t i, const llama_kv_compressed_part & part) const {
+    return stream_view(ctx, layers[i].k, part, layers[i].k_base[part.first_head]);
+}
+
+ggml_tensor * llama_kv_cache_compressed::get_v_streams(ggml_context * ctx, int32_t i, const llama_kv_compressed_part & part) const {
+    return stream_view(ctx, layers[i].v, part, part.base);
+}
+
+// n_kv == alloc, so the part's rows of the live mask are one contiguous block, as flash attention wants its mask
+ggml_tensor * llama_kv_cache_compressed::get_live(ggml_context * ctx, ggml_tensor * live, const llama_kv_compressed_part & part) const {
+    GGML_ASSERT(part.n_kv == part.alloc);
+    const size_t es = ggml_element_size(live);
+    return ggml_view_4d(ctx, live, part.n_kv, 1, 1, part.n_heads, part.alloc*es, part.alloc*es, part.alloc*es, part.base*es);
+}
+
 // write a ubatch's K or V rows [n_embd_head, n_head_kv, n_tokens] into the rows listed in idxs (I64, one
 // per (token, head): idxs[t*n_head_kv + h])
 static ggml_tensor * store_rows(ggml_context * ctx, ggml_tensor * dst, ggml_tensor * cur, ggml_tensor * idxs) {
@@ -57,20 +79,19 @@ void llama_kv_cache_compressed::set_input_idxs(ggml_tensor * dst, int32_t i, con
     const uint32_t n_head_kv = layer.n_head_kv;
     const int64_t  n_tokens  = dst->ne[0] / n_head_kv;
     int64_t * data = (int64_t *) dst->data;
-    for (const auto & part : plan.parts[i]) {
-        for (uint32_t j = 0; j < part.n_heads; ++j) {
-            const uint32_t h = part.first_head + j;
-            if (k_rows && part.leader >= 0) {
-                for (int64_t t = 0; t < n_tokens; ++t) {
-                    data[t*n_head_kv + h] = layer.k_base[h] + pod_k_row(part.n_written + (uint32_t) t);
-                }
-                continue;
-            }
-            // the head's first free slot
-            const int64_t first = (int64_t) (k_rows ? layer.k_base[h] : layer.base[h]) + part.ubatch_slot;
+    for (uint32_t h = 0; h < n_head_kv; ++h) {
+        if (k_rows && layer.leader[h] >= 0) {
+            // a follower's K ring is indexed by the tokens it had written before the ubatch
+            const uint32_t n_written = layer.n_written[h] - (uint32_t) n_tokens;
             for (int64_t t = 0; t < n_tokens; ++t) {
-                data[t*n_head_kv + h] = first + t;
+                data[t*n_head_kv + h] = layer.k_base[h] + pod_k_row(n_written + (uint32_t) t);
             }
+            continue;
+        }
+        // the head's first free slot
+        const int64_t first = (int64_t) (k_rows ? layer.k_base[h] : layer.base[h]) + plan.slot_of(i, h);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            data[t*n_head_kv + h] = first + t;
         }
     }
 }
@@ -112,19 +133,27 @@ void llama_kv_cache_compressed::set_input_kq_mask(ggml_tensor * dst, const llama
     }
 }
 
-void llama_kv_cache_compressed::set_input_hidden(ggml_tensor * dst, int32_t i) const {
-    const auto & layer = layers[i];
-    GGML_ASSERT(dst->type == GGML_TYPE_F32 && ggml_nelements(dst) == (int64_t) layer.total);
-    std::vector<float> bias(layer.total, 0.0f);
-    for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
-        for (uint32_t s = 0; s < layer.n_used[h]; ++s) {
-            const llama_pos p = layer.pos[layer.base[h] + s];
-            if (p >= hide_p0 && p < hide_p1) {
-                bias[layer.base[h] + s] = -INFINITY;
-            }
+void llama_kv_cache_compressed::set_input_live_rows(ggml_tensor * dst, const llama_ubatch * ubatch) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer) && dst->type == GGML_TYPE_F32);
+    const int64_t n_tokens = ubatch->n_tokens;
+    const int64_t per_token = ggml_nelements(dst) / n_tokens;
+    float * data = (float *) dst->data;
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const llama_pos p = ubatch->pos[t];
+        std::fill_n(data + t*per_token, per_token, p >= hide_p0 && p < hide_p1 ? -INFINITY : 0.0f);
+    }
+}
+
+void llama_kv_cache_compressed::set_input_mask_offsets(ggml_tensor * dst, int32_t i, uint32_t first_head,
+        const llama_kv_compressed_plan & plan) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer) && dst->type == GGML_TYPE_I32);
+    const int64_t n_heads = dst->ne[0];
+    int32_t * data = (int32_t *) dst->data;
+    for (int64_t t = 0; t < dst->ne[1]; ++t) {
+        for (int64_t j = 0; j < n_heads; ++j) {
+            data[t*n_heads + j] = (int32_t) plan.mask_offset(i, first_head + (uint32_t) j);
         }
     }
-    ggml_backend_tensor_set(dst, bias.data(), 0, ggml_nbytes(dst));
 }
 
 ggml_tensor * llama_kv_cache_compressed::build_input_rot(ggml_context * ctx, bool v) const {
@@ -162,11 +191,6 @@ static ggml_tensor * observed_logits(ggml_context * ctx, ggml_tensor * q, ggml_t
     return kq;
 }
 
-// the last w rows of a mask [n_cols, n_tokens]: the observed queries'
-static ggml_tensor * observed_mask(ggml_context * ctx, ggml_tensor * mask, int64_t n_tokens, int64_t w) {
-    return ggml_view_2d(ctx, mask, mask->ne[0], w, mask->nb[1], (n_tokens - w)*mask->nb[1]);
-}
-
 //
 // the graph input
 //
@@ -181,15 +205,22 @@ void llm_graph_input_attn_kv_compressed::set_input(const llama_ubatch * ubatch) 
     if (obs_scale && obs_scale->buffer) {
         kv->set_input_obs_scale(obs_scale, plan);
     }
+    for (const auto & [n_head_kv, rows] : live_rows) {
+        if (rows->buffer) {
+            kv->set_input_live_rows(rows, ubatch);
+        }
+    }
     for (const auto & [i, in] : layers) {
         if (in.v_idxs && in.v_idxs->buffer) {
             kv->set_input_idxs(in.v_idxs, i, plan, false);
         }
-        if (in.hidden && in.hidden->buffer) {
-            kv->set_input_hidden(in.hidden, i);
-        }
         if (in.k_idxs && in.k_idxs->buffer) {
             kv->set_input_idxs(in.k_idxs, i, plan, true);
+        }
+        for (const auto & [first_head, offsets] : in.mask_offsets) {
+            if (offsets->buffer) {
+                kv->set_input_mask_offsets(offsets, i, first_head, plan);
+            }
         }
     }
     for (const auto & [state, mask] : pod_masks) {
@@ -228,8 +259,8 @@ static ggml_tensor * new_input_1d(ggml_context * ctx, ggml_type type, int64_t n)
     return t;
 }
 
-const llm_graph_input_attn_kv_compressed::layer_inputs & llm_graph_input_attn_kv_compressed::get_layer_inputs(
-        ggml_context * ctx, int32_t i, const llama_kv_compressed_layer & layer, int64_t n_rows, bool hide) {
+llm_graph_input_attn_kv_compressed::layer_inputs & llm_graph_input_attn_kv_compressed::get_layer_inputs(
+        ggml_context * ctx, int32_t i, const llama_kv_compressed_layer & layer, int64_t n_rows) {
     layer_inputs & in = layers[i];
     if (!in.v_idxs) {
         in.v_idxs = new_input_1d(ctx, GGML_TYPE_I64, n_rows);
@@ -239,11 +270,6 @@ const llm_graph_input_attn_kv_compressed::layer_inputs & llm_graph_input_attn_kv
     if (!in.k_idxs && layer.has_followers()) {
         in.k_idxs = new_input_1d(ctx, GGML_TYPE_I64, n_rows);
         ggml_format_name(in.k_idxs, "localkv_kidxs_%d", i);
-    }
-    // hidden positions: a per-slot bias of this layer, added to each head's view of the template
-    if (!in.hidden && hide) {
-        in.hidden = new_input_1d(ctx, GGML_TYPE_F32, layer.total);
-        ggml_format_name(in.hidden, "localkv_hidden_%d", i);
     }
     return in;
 }
@@ -257,6 +283,28 @@ ggml_tensor * llm_graph_input_attn_kv_compressed::get_kq_mask_view(ggml_context 
                     kq_mask->nb[1], kq_mask->nb[2], kq_mask->nb[3], offset*kq_mask->nb[0]));
     }
     return view;
+}
+
+ggml_tensor * llm_graph_input_attn_kv_compressed::get_live_rows(ggml_context * ctx, uint32_t n_head_kv, int64_t n_tokens) {
+    ggml_tensor *& rows = live_rows[n_head_kv];
+    if (!rows) {
+        rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, (int64_t) n_head_kv*n_tokens);
+        ggml_set_input(rows);
+        ggml_format_name(rows, "localkv_live_rows_%u", n_head_kv);
+    }
+    return rows;
+}
+
+ggml_tensor * llm_graph_input_attn_kv_compressed::get_mask_offsets(ggml_context * ctx, int32_t i, uint32_t first_head, uint32_t n_heads,
+        int64_t n_tokens) {
+    ggml_tensor *& offsets = layers[i].mask_offsets[first_head];
+    if (!offsets) {
+        offsets = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_heads, n_tokens);
+        ggml_set_input(offsets);
+        ggml_format_name(offsets, "localkv_mask_offsets_%d_%u", i, first_head);
+    }
+    GGML_ASSERT(offsets->ne[0] == n_heads);
+    return offsets;
 }
 
 ggml_tensor * llm_graph_input_attn_kv_compressed::get_pod_mask(ggml_context * ctx, uint32_t state, int64_t n_cols, int64_t n_tokens) {
@@ -394,36 +442,116 @@ llm_graph_input_attn_kv_iswa * llm_graph_build_attn_inp_kv_iswa_compressed(const
     return (llm_graph_input_attn_kv_iswa *) graph.res->add_input(std::move(inp));
 }
 
-// write the ubatch's K and V (and VNORM) into the rows planned for it
-static void store_ubatch(const llama_kv_compressed_attn & attn, const llm_graph_input_attn_kv_compressed::layer_inputs & in,
+// write the ubatch's K and V (and VNORM) into the rows planned for it, and open those rows in the live mask
+static void store_ubatch(const llama_kv_compressed_attn & attn, llm_graph_input_attn_kv_compressed::layer_inputs & in,
         ggml_tensor * k_cur, ggml_tensor * v_cur) {
     ggml_context * ctx0 = attn.graph.ctx0;
     ggml_cgraph  * gf   = attn.graph.gf;
     ggml_build_forward_expand(gf, attn.kv.cpy_k(ctx0, k_cur, in.k_idxs ? in.k_idxs : in.v_idxs, attn.i));
     ggml_build_forward_expand(gf, attn.kv.cpy_v(ctx0, v_cur, in.v_idxs, attn.i));
     attn.kv.store_vnorm(ctx0, gf, v_cur, in.v_idxs, attn.i, attn.plan);
+
+    ggml_tensor * rows = attn.inp.get_live_rows(ctx0, attn.layer.n_head_kv, k_cur->ne[2]);
+    in.live = ggml_set_rows(ctx0, attn.layer.live, rows, in.v_idxs);
+    ggml_build_forward_expand(gf, in.live);
 }
 
-// a part whose heads attend through their own keys (q, sinks: the part's query heads'), and its statistics; the mask
-// is the part's view of the template (its causal block lines up with the ubatch's column), plus hidden positions
-static ggml_tensor * attn_part(const llama_kv_compressed_attn & attn, const llm_graph_input_attn_kv_compressed::layer_inputs & in,
-        ggml_tensor * q, ggml_tensor * sinks, const llama_kv_compressed_part & part) {
-    ggml_context * ctx0 = attn.graph.ctx0;
+// every window of n columns of a mask [width, n_tokens] as a row of its own, [n, width - n + 1, n_tokens]: a view
+// whose rows overlap, one column apart (ggml_view_3d sizes a view as if its rows did not overlap, so its strides are
+// set here; ggml_nbytes, and every backend's get_rows, go by the strides)
+static ggml_tensor * column_windows(ggml_context * ctx, ggml_tensor * mask, int64_t n) {
+    ggml_tensor * w = ggml_view_1d(ctx, mask, ggml_nelements(mask), 0);
+    w->ne[0] = n;
+    w->ne[1] = mask->ne[0] - n + 1;
+    w->ne[2] = mask->ne[1];
+    w->ne[3] = 1;
+    w->nb[1] = mask->nb[0];
+    w->nb[2] = mask->nb[1];
+    w->nb[3] = mask->nb[1]*mask->ne[1];
+    GGML_ASSERT(ggml_nbytes(w) <= ggml_nbytes(mask));
+    return w;
+}
 
-    ggml_tensor * mask = attn.inp.get_kq_mask_view(ctx0, attn.plan.mask_offset(part), part.n_kv);
-    if (in.hidden) {
-        GGML_ASSERT(part.n_heads == 1);
-        mask = ggml_add(ctx0, mask, ggml_view_1d(ctx0, in.hidden, part.n_kv, part.base*in.hidden->nb[0]));
+// the masks of a part's heads [n_kv, n_tokens, 1, n_heads or 1] (F16 for flash attention). At decode: the part's
+// block of the live mask as it is. In a prefill, heads with one fill share the template's view at their column
+// (broadcast over the streams, as upstream's one mask), plus the live mask where positions are hidden; heads with
+// different fills take each its own view, gathered with one get_rows (every window of n_kv template columns is a
+// row of an overlapping view), plus the live mask
+static ggml_tensor * part_mask(const llama_kv_compressed_attn & attn, llm_graph_input_attn_kv_compressed::layer_inputs & in,
+        const llama_kv_compressed_part & part, int64_t n_tokens) {
+    ggml_context * ctx0 = attn.graph.ctx0;
+    ggml_tensor * live = attn.kv.get_live(ctx0, in.live, part);
+    if (n_tokens == 1) {
+        return live;
+    }
+    ggml_tensor * tmpl = attn.inp.get_kq_mask(); // [width, n_tokens]
+    GGML_ASSERT(tmpl->ne[0] >= (int64_t) part.n_kv && tmpl->ne[1] == n_tokens);
+    const bool hide = attn.plan.hide;
+
+    bool one_fill = true;
+    for (uint32_t j = 1; j < part.n_heads; ++j) {
+        one_fill = one_fill && attn.plan.slot_of(attn.i, part.first_head + j) == attn.plan.slot_of(attn.i, part.first_head);
+    }
+    if (one_fill) {
+        ggml_tensor * mask = attn.inp.get_kq_mask_view(ctx0, attn.plan.mask_offset(attn.i, part.first_head), part.n_kv);
+        if (!hide) {
+            return mask;
+        }
+        if (part.n_heads > 1) {
+            mask = ggml_repeat_4d(ctx0, mask, part.n_kv, n_tokens, 1, part.n_heads);
+        }
+        return ggml_add(ctx0, mask, mask->type == live->type ? live : ggml_cast(ctx0, live, mask->type));
     }
 
-    ggml_tensor * k = attn.kv.get_k(ctx0, attn.i, part);
-    ggml_tensor * v = attn.kv.get_v(ctx0, attn.i, part);
+    ggml_tensor * windows = column_windows(ctx0, tmpl, part.n_kv);
+    ggml_tensor * offsets = attn.inp.get_mask_offsets(ctx0, attn.i, part.first_head, part.n_heads, n_tokens);
+    ggml_tensor * mask    = ggml_permute(ctx0, ggml_get_rows(ctx0, windows, offsets), 0, 3, 1, 2); // [n_kv, n_tokens, 1, n_heads] F32
+    if (hide) {
+        mask = ggml_add(ctx0, mask, ggml_cast(ctx0, live, GGML_TYPE_F32));
+    }
+    return ggml_cast(ctx0, mask, tmpl->type);
+}
 
-    ggml_tensor * out = attn.graph.build_attn_mha(q, k, v, nullptr, mask, sinks, nullptr, 0, attn.kq_scale, attn.il, true);
+// a part whose heads attend through their own keys (q: the part's query heads [d, n_heads*group, n_tokens]; sinks
+// only for a single head), and its statistics. Each KV head is a stream of upstream's attention, with its own mask,
+// so one call covers the part whatever each head holds
+static ggml_tensor * attn_part(const llama_kv_compressed_attn & attn, llm_graph_input_attn_kv_compressed::layer_inputs & in,
+        ggml_tensor * q, ggml_tensor * sinks, const llama_kv_compressed_part & part) {
+    ggml_context * ctx0 = attn.graph.ctx0;
+    const int64_t n_tokens = q->ne[2];
+    const int64_t n_heads  = part.n_heads;
+    const int64_t group    = q->ne[1] / n_heads;
+    GGML_ASSERT(n_heads == 1 || sinks == nullptr);
+
+    ggml_tensor * mask = part_mask(attn, in, part, n_tokens);
+
+    // the queries as streams: [d, group, n_tokens*n_heads], stream j's tokens together (a view at decode)
+    ggml_tensor * q_s = q;
+    if (n_heads > 1 && n_tokens == 1) {
+        q_s = ggml_view_3d(ctx0, q, q->ne[0], group, n_heads, q->nb[1], group*q->nb[1], 0);
+    } else if (n_heads > 1) {
+        q_s = ggml_view_4d(ctx0, q, q->ne[0], group, n_heads, n_tokens, q->nb[1], group*q->nb[1], q->nb[2], 0);
+        q_s = ggml_cont(ctx0, ggml_permute(ctx0, q_s, 0, 1, 3, 2));
+        q_s = ggml_reshape_3d(ctx0, q_s, q->ne[0], group, n_tokens*n_heads);
+    }
+
+    ggml_tensor * k = attn.kv.get_k_streams(ctx0, attn.i, part);
+    ggml_tensor * v = attn.kv.get_v_streams(ctx0, attn.i, part);
+
+    // [d_v*group, n_tokens*n_heads], stream after stream; back to the heads of each token
+    ggml_tensor * out = attn.graph.build_attn_mha(q_s, k, v, nullptr, mask, sinks, nullptr, 0, attn.kq_scale, attn.il, true);
+    if (n_heads > 1 && n_tokens > 1) {
+        out = ggml_reshape_3d(ctx0, out, out->ne[0], n_tokens, n_heads);
+        out = ggml_cont_2d(ctx0, ggml_permute(ctx0, out, 0, 2, 1, 3), out->ne[0]*n_heads, n_tokens);
+    } else if (n_heads > 1) {
+        out = ggml_reshape_2d(ctx0, out, out->ne[0]*n_heads, 1);
+    }
 
     if (attn.plan.has_stats()) {
         const int64_t w = attn.plan.window;
-        attn.kv.build_stats(ctx0, attn.graph.gf, observed_logits(ctx0, q, k, w), observed_mask(ctx0, mask, q->ne[2], w),
+        ggml_tensor * mask_obs = w == n_tokens ? mask : ggml_cont(ctx0, ggml_view_4d(ctx0, mask, mask->ne[0], w, 1, mask->ne[3],
+                    mask->nb[1], mask->nb[2], mask->nb[3], (n_tokens - w)*mask->nb[1]));
+        attn.kv.build_stats(ctx0, attn.graph.gf, observed_logits(ctx0, q, attn.kv.get_k(ctx0, attn.i, part), w), mask_obs,
                 attn.inp.obs_scale, attn.inp.stat_ones, attn.obs_norm, attn.kq_scale, attn.i, part, attn.plan);
     }
 
@@ -485,7 +613,7 @@ ggml_tensor * llm_graph_build_attn_compressed(
     const int32_t i = kv.layer_index(il);
     llama_kv_compressed_attn attn = { graph, *inp, kv, plan, kv.get_layers()[i], i, il, kq_scale };
 
-    const auto & in = inp->get_layer_inputs(graph.ctx0, i, attn.layer, k_cur->ne[1]*k_cur->ne[2], plan.hide);
+    auto & in = inp->get_layer_inputs(graph.ctx0, i, attn.layer, k_cur->ne[1]*k_cur->ne[2]);
     store_ubatch(attn, in, k_cur, v_cur);
 
     // what reads the hidden state at the attention's input: the learned scorer, KVzip+'s normed maximum

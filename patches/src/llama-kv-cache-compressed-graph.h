@@ -2,8 +2,9 @@
 
 // localkv compressed KV cache, graph side: the attention input of a graph over the compressed cache and the
 // attention of one layer, called from the two hooks in llama-graph.cpp (build_attn_inp_kv and build_attn).
-// A layer stores its ubatch after the kept tokens of every head, then attends part by part (a uniform layer is
-// one part), each part with its own view of the mask template, and computes the statistics switched on.
+// A layer stores its ubatch after the kept tokens of every head, then attends part by part (a run of heads with
+// equal slots; a uniform layer is one part), each KV head a stream with its own mask, and computes the statistics
+// switched on.
 
 #include "llama-graph.h"
 #include "llama-kv-cache-compressed.h"
@@ -29,14 +30,18 @@ public:
     struct layer_inputs {
         ggml_tensor * v_idxs = nullptr; // rows the ubatch is written to, I64 [n_head_kv*n_tokens]
         ggml_tensor * k_idxs = nullptr; // K's own rows in a layer with POD followers (else K is written through v_idxs)
-        ggml_tensor * hidden = nullptr; // while positions are hidden: F32 [total], -inf on a hidden slot
+        ggml_tensor * live   = nullptr; // the layer's live mask once the graph opened the ubatch's slots
+        std::map<uint32_t, ggml_tensor *> mask_offsets; // a prefill's, per part (by its first head): each head's template column
     };
 
     // made on first use while the graph is built (each once per graph, whatever asks for it)
-    const layer_inputs & get_layer_inputs(ggml_context * ctx, int32_t i, const llama_kv_compressed_layer & layer, int64_t n_rows,
-            bool hide);
-    // columns [offset, offset + n_kv) of the mask template
+    layer_inputs & get_layer_inputs(ggml_context * ctx, int32_t i, const llama_kv_compressed_layer & layer, int64_t n_rows);
+    // columns [offset, offset + n_kv) of the mask template, made contiguous once per graph
     ggml_tensor * get_kq_mask_view(ggml_context * ctx, uint32_t offset, uint32_t n_kv);
+    // the live-mask values of a ubatch's rows in a layer of n_head_kv KV heads (0, or -inf where hidden), F32 [1, rows]
+    ggml_tensor * get_live_rows(ggml_context * ctx, uint32_t n_head_kv, int64_t n_tokens);
+    // a prefill's template columns for the part of cached layer i that starts at first_head, I32 [n_heads, n_tokens]
+    ggml_tensor * get_mask_offsets(ggml_context * ctx, int32_t i, uint32_t first_head, uint32_t n_heads, int64_t n_tokens);
     // POD: the mask of a follower state [n_cols, n_tokens], and the V rows of follower head h of cached layer i
     ggml_tensor * get_pod_mask(ggml_context * ctx, uint32_t state, int64_t n_cols, int64_t n_tokens);
     ggml_tensor * get_pod_v_rows(ggml_context * ctx, int32_t i, uint32_t h, int64_t n_cols);
@@ -54,6 +59,7 @@ public:
 
 private:
     std::map<int32_t, layer_inputs> layers; // by cached layer
+    std::map<uint32_t, ggml_tensor *> live_rows; // by the layer's KV heads
     std::map<std::pair<uint32_t, uint32_t>, ggml_tensor *> kq_mask_views; // by (column offset, n_kv)
     std::map<uint32_t, ggml_tensor *> pod_masks; // by follower state
     std::map<std::pair<int32_t, uint32_t>, ggml_tensor *> pod_v_rows; // by (cached layer, follower head)

@@ -45,7 +45,7 @@ int32_t llama_kv_cache_compressed::check_pod_layout(const std::vector<int32_t> &
             }
             const size_t a = head_offset[i] + h, b = head_offset[l] + h;
             if (capacities && slots &&
-                    (capacities[a] != capacities[b] || GGML_PAD(slots[a], ALLOC_PAD) != GGML_PAD(slots[b], ALLOC_PAD))) {
+                    (capacities[a] != capacities[b] || GGML_PAD(slots[a], slot_pad) != GGML_PAD(slots[b], slot_pad))) {
                 err = where + " must have its leader's capacity and slots (it holds the same tokens)";
                 return LLAMA_LOCALKV_ERR_BUDGET;
             }

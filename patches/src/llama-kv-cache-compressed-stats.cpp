@@ -7,6 +7,8 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <map>
+#include <set>
 
 void llama_kv_cache_compressed::store_vnorm(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * v_cur, ggml_tensor * v_idxs, int32_t i,
         const llama_kv_compressed_plan & plan) const {
@@ -164,14 +166,23 @@ void llama_kv_cache_compressed::build_stats(ggml_context * ctx, ggml_cgraph * gf
     const part_stats stats = { ctx, gf, layers[i], part, ones, obs_norm, plan.flags, query_heads, n_head,
         query_heads ? n_head : (int64_t) part.n_heads, w };
 
+    // the logits by KV head [n_cols, w, group, n_heads], as the masks come ([n_cols, w, 1, n_heads], or one for the part)
+    const int64_t n_heads = part.n_heads;
+    ggml_tensor * kq_heads = ggml_reshape_4d(ctx, kq_obs, kq_obs->ne[0], w, n_head/n_heads, n_heads);
+    auto softmax = [&](ggml_tensor * kq, float scale) {
+        ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask_obs, scale, 0.0f);
+        return ggml_reshape_3d(ctx, p, kq_obs->ne[0], w, n_head);
+    };
+
     if (plan.flags & STATS_PLAIN) {
-        stats.build_plain(ggml_soft_max_ext(ctx, kq_obs, mask_obs, kq_scale, 0.0f));
+        stats.build_plain(softmax(kq_heads, kq_scale));
     }
     if ((plan.flags & STATS_ADAPTIVE) && obs_scale) {
-        // one scale per observed query row, in place of kq_scale (the heads of a part share their capacity)
+        // one scale per observed query row of each KV head (its own fill and capacity), in place of kq_scale
+        const size_t es  = obs_scale->nb[0];
         const size_t off = (size_t) (plan.head_offset[i] + part.first_head)*w;
-        ggml_tensor * scale = ggml_view_3d(ctx, obs_scale, 1, w, 1, obs_scale->nb[0], obs_scale->nb[0]*w, off*obs_scale->nb[0]);
-        stats.build_adaptive(ggml_soft_max_ext(ctx, ggml_mul(ctx, kq_obs, scale), mask_obs, 1.0f, 0.0f));
+        ggml_tensor * scale = ggml_view_4d(ctx, obs_scale, 1, w, 1, n_heads, es, es*w, es*w, off*es);
+        stats.build_adaptive(softmax(ggml_mul(ctx, kq_heads, scale), 1.0f));
     }
 }
 
@@ -184,19 +195,42 @@ int32_t llama_kv_cache_compressed::clear_stat(int32_t stat, std::string & err) {
         err = "no statistic " + std::to_string(stat);
         return LLAMA_LOCALKV_ERR_ARG;
     }
+    // every layer of a device is one block
+    std::set<ggml_tensor *> blocks;
     for (auto & layer : layers) {
-        if (layer.stats[stat]) {
-            ggml_backend_tensor_memset(layer.stats[stat], 0, 0, ggml_nbytes(layer.stats[stat]));
+        if (layer.stats[stat] && blocks.insert(layer.stats[stat]->view_src).second) {
+            ggml_backend_tensor_memset(layer.stats[stat]->view_src, 0, 0, ggml_nbytes(layer.stats[stat]->view_src));
+            transfers++;
         }
     }
     return LLAMA_LOCALKV_OK;
 }
 
-int32_t llama_kv_cache_compressed::get_stat(int32_t i, int32_t stat, bool sum_per_kv_head, float * out, size_t n_out, std::string & err) {
-    if (i < 0 || i >= (int32_t) layers.size()) {
-        err = "no cached layer " + std::to_string(i);
-        return LLAMA_LOCALKV_ERR_LAYER;
+// the slots in use of statistic `stat` of `layer` from its block (`block`: the layer's floats as stored), head after
+// head, `out_rows` rows per KV head (each the sum of the stored rows it covers); returns the floats written
+static size_t copy_used(const llama_kv_compressed_layer & layer, uint32_t rows, uint32_t out_rows, const float * block, float * out) {
+    float * dst = out;
+    for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+        const uint32_t n_used = layer.n_used[h];
+        std::fill(dst, dst + (size_t) out_rows*n_used, 0.0f);
+        for (uint32_t g = 0; g < rows; ++g) {
+            const float * src = block + layer.stat_offset(rows, h, g);
+            float * o = dst + (size_t) (g / (rows / out_rows))*n_used;
+            for (uint32_t s = 0; s < n_used; ++s) {
+                o[s] += src[s];
+            }
+        }
+        dst += (size_t) out_rows*n_used;
     }
+    return (size_t) (dst - out);
+}
+
+// rows written per KV head of `layer` (summed over the stored ones when fewer)
+static uint32_t out_rows_of(const llama_kv_compressed_layer & layer, int32_t stat, bool sum_per_kv_head) {
+    return sum_per_kv_head || llama_kv_compressed_layer::written_with_token(stat) ? 1 : layer.n_head / layer.n_head_kv;
+}
+
+int32_t llama_kv_cache_compressed::check_stat(int32_t stat, bool sum_per_kv_head, std::string & err) const {
     if (stat < 0 || stat >= LLAMA_LOCALKV_STAT_COUNT) {
         err = "no statistic " + std::to_string(stat);
         return LLAMA_LOCALKV_ERR_ARG;
@@ -207,46 +241,73 @@ int32_t llama_kv_cache_compressed::get_stat(int32_t i, int32_t stat, bool sum_pe
             std::to_string(hidden_input_missing) + " of this model does not show (no K projection of the hidden state)";
         return LLAMA_LOCALKV_ERR_UNSUPPORTED;
     }
-    const auto & layer = layers[i];
-    ggml_tensor * t = layer.stats[stat];
-    if (!t) {
+    if (!layers.empty() && !layers[0].stats[stat]) {
         err = "statistic " + std::to_string(stat) + " was never switched on (llama_localkv_set_stats)";
         return LLAMA_LOCALKV_ERR_STATE;
     }
-
-    // rows stored per KV head, and rows written per KV head (summed over the stored ones when fewer)
-    const uint32_t rows     = layer.stat_rows(stat, query_heads);
-    const uint32_t out_rows = sum_per_kv_head || llama_kv_compressed_layer::written_with_token(stat) ? 1 :
-        layer.n_head / layer.n_head_kv;
-
-    if (out_rows > rows) {
-        err = "statistics are kept per KV head: read them with sum_per_kv_head, or ask for "
-              "LLAMA_LOCALKV_STATS_QUERY_HEADS in llama_localkv_set_stats";
-        return LLAMA_LOCALKV_ERR_STATE;
+    for (const auto & layer : layers) {
+        if (out_rows_of(layer, stat, sum_per_kv_head) > layer.stat_rows(stat, query_heads)) {
+            err = "statistics are kept per KV head: read them with sum_per_kv_head, or ask for "
+                  "LLAMA_LOCALKV_STATS_QUERY_HEADS in llama_localkv_set_stats";
+            return LLAMA_LOCALKV_ERR_STATE;
+        }
     }
+    return LLAMA_LOCALKV_OK;
+}
+
+int32_t llama_kv_cache_compressed::get_stat(int32_t i, int32_t stat, bool sum_per_kv_head, float * out, size_t n_out, std::string & err) {
+    if (i < 0 || i >= (int32_t) layers.size()) {
+        err = "no cached layer " + std::to_string(i);
+        return LLAMA_LOCALKV_ERR_LAYER;
+    }
+    const int32_t rc = check_stat(stat, sum_per_kv_head, err);
+    if (rc != LLAMA_LOCALKV_OK) {
+        return rc;
+    }
+    const auto & layer = layers[i];
+    const uint32_t out_rows = out_rows_of(layer, stat, sum_per_kv_head);
     const size_t n = (size_t) out_rows*layer.used_total();
     if ((out == nullptr && n > 0) || n_out < n) {
         err = "output buffer too small: need " + std::to_string(n) + " floats";
         return LLAMA_LOCALKV_ERR_ARG;
     }
-
-    // only the slots in use cross to the host, a row at a time
-    std::fill(out, out + n, 0.0f);
-    std::vector<float> row;
-    float * dst = out;
-    for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
-        const uint32_t n_used = layer.n_used[h];
-        row.resize(n_used);
-        for (uint32_t g = 0; g < rows && n_used > 0; ++g) {
-            ggml_backend_tensor_get(t, row.data(), layer.stat_offset(rows, h, g)*sizeof(float), n_used*sizeof(float));
-            transfer_bytes += n_used*sizeof(float);
-            float * o = dst + (size_t) (g / (rows / out_rows))*n_used;
-            for (uint32_t s = 0; s < n_used; ++s) {
-                o[s] += row[s];
-            }
-        }
-        dst += (size_t) out_rows*n_used;
-    }
-
+    // the layer's block in one transfer, then the slots in use
+    ggml_tensor * t = layer.stats[stat];
+    std::vector<float> block(ggml_nelements(t));
+    ggml_backend_tensor_get(t, block.data(), 0, ggml_nbytes(t));
+    transfers++;
+    transfer_bytes += ggml_nbytes(t);
+    copy_used(layer, layer.stat_rows(stat, query_heads), out_rows, block.data(), out);
     return (int32_t) n;
+}
+
+int64_t llama_kv_cache_compressed::get_stats(int32_t stat, bool sum_per_kv_head, float * out, size_t n_out, std::string & err) {
+    const int32_t rc = check_stat(stat, sum_per_kv_head, err);
+    if (rc != LLAMA_LOCALKV_OK) {
+        return rc;
+    }
+    size_t n = 0;
+    for (const auto & layer : layers) {
+        n += (size_t) out_rows_of(layer, stat, sum_per_kv_head)*layer.used_total();
+    }
+    if ((out == nullptr && n > 0) || n_out < n) {
+        err = "output buffer too small: need " + std::to_string(n) + " floats";
+        return LLAMA_LOCALKV_ERR_ARG;
+    }
+    // every layer of a device is one block: one transfer per device, then the slots in use layer after layer
+    std::map<const ggml_tensor *, std::vector<float>> blocks;
+    float * dst = out;
+    for (const auto & layer : layers) {
+        const ggml_tensor * t = layer.stats[stat];
+        auto it = blocks.find(t->view_src);
+        if (it == blocks.end()) {
+            it = blocks.emplace(t->view_src, std::vector<float>(ggml_nelements(t->view_src))).first;
+            ggml_backend_tensor_get(t->view_src, it->second.data(), 0, ggml_nbytes(t->view_src));
+            transfers++;
+            transfer_bytes += ggml_nbytes(t->view_src);
+        }
+        dst += copy_used(layer, layer.stat_rows(stat, query_heads), out_rows_of(layer, stat, sum_per_kv_head),
+                it->second.data() + t->view_offs/sizeof(float), dst);
+    }
+    return (int64_t) n;
 }

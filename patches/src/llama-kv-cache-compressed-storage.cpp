@@ -11,10 +11,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 
 // a new value for every storage change of any compressed cache (see llama_kv_cache_compressed::epoch)
-static uint32_t next_storage_epoch() {
+uint32_t llama_kv_compressed_next_epoch() {
     static std::atomic<uint32_t> epoch{0};
     return ++epoch;
 }
@@ -60,6 +61,24 @@ static bool runs_out_prod(ggml_backend_buffer_type_t buft) {
     return ggml_backend_dev_supports_op(dev, ggml_out_prod(ctx.get(), a, b));
 }
 
+// the multiple of slots per head: DEVICE_PAD when some layer lives off the host (a GPU), else ALLOC_PAD; the
+// environment's LLAMA_LOCALKV_SLOT_PAD (a multiple of 32) overrides it, to measure one against the other
+static uint32_t slot_pad_for(const std::vector<llama_kv_compressed_layer> & layers) {
+    if (const char * env = getenv("LLAMA_LOCALKV_SLOT_PAD")) {
+        const long pad = strtol(env, nullptr, 10);
+        if (pad >= 32 && pad <= 4096 && pad % 32 == 0) {
+            return (uint32_t) pad;
+        }
+        LLAMA_LOG_WARN("%s: LLAMA_LOCALKV_SLOT_PAD=%s is not a multiple of 32 in [32, 4096], ignored\n", __func__, env);
+    }
+    for (const auto & layer : layers) {
+        if (!ggml_backend_buft_is_host(layer.buft)) {
+            return llama_kv_cache_compressed::DEVICE_PAD;
+        }
+    }
+    return llama_kv_cache_compressed::ALLOC_PAD;
+}
+
 // why model layer il cannot be stored compressed ("" when it can)
 static std::string layer_unsupported(const llama_hparams & hparams, uint32_t il, const ggml_tensor * k, const ggml_tensor * v) {
     if (!k || !v) {
@@ -96,6 +115,7 @@ std::unique_ptr<llama_kv_cache_compressed> llama_kv_cache_compressed::create(con
         layer.n_head_kv = hparams.n_head_kv(il);
         layer.buft      = ggml_backend_buffer_get_type(k->buffer);
         layer.out_prod  = runs_out_prod(layer.buft);
+        layer.heads_alone = model.layers[il].attn_sinks != nullptr || hparams.f_max_alibi_bias > 0.0f;
         // type carriers: allocate() reads the cache types from these until the real tensors replace them
         layer.k = const_cast<ggml_tensor *>(k);
         layer.v = const_cast<ggml_tensor *>(v);
@@ -107,6 +127,7 @@ std::unique_ptr<llama_kv_cache_compressed> llama_kv_cache_compressed::create(con
     if (code != LLAMA_LOCALKV_OK) {
         return nullptr;
     }
+    res->slot_pad = slot_pad_for(res->layers);
 
     res->rot[0] = rotation_of(tmpl, false);
     res->rot[1] = rotation_of(tmpl, true);
@@ -171,29 +192,76 @@ static bool alloc_zeroed_buffers(std::map<ggml_backend_buffer_type_t, ggml_conte
     return true;
 }
 
-// allocate the statistics in `mask` for every layer (sized by layers[i].total), in buffers of the layers'
-// buffer types; the buffers are appended to `bufs`
+// one zeroed tensor per buffer type holding a block of `type` for every layer on it (`elems(layer)` elements),
+// each layer's tensor a view of its block (made by `view`): one transfer then reads or writes every layer of a
+// device. The buffers and their contexts (the tensor and its views) are appended to `bufs`; `assign` stores a view.
+template <typename Elems, typename View>
+static bool alloc_blocks(std::vector<llama_kv_compressed_layer> & layers, ggml_type type, const char * name,
+        Elems && elems, View && view, std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
+    std::map<ggml_backend_buffer_type_t, std::vector<size_t>> by_buft;
+    for (size_t i = 0; i < layers.size(); ++i) {
+        by_buft[layers[i].buft].push_back(i);
+    }
+    for (const auto & [buft, members] : by_buft) {
+        int64_t n = 0;
+        for (size_t i : members) {
+            n += elems(layers[i]);
+        }
+        ggml_context_ptr ctx(llama_kv_compressed_meta_ctx(members.size() + 1));
+        ggml_tensor * block = ggml_new_tensor_1d(ctx.get(), type, n);
+        ggml_set_name(block, name);
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            return false;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        size_t offset = 0;
+        for (size_t i : members) {
+            ggml_tensor * t = view(ctx.get(), block, layers[i], offset);
+            ggml_backend_view_init(t);
+            offset += ggml_nbytes(t);
+        }
+        bufs.emplace_back(std::move(ctx), ggml_backend_buffer_ptr(buf));
+    }
+    return true;
+}
+
+// allocate the statistics in `mask` for every layer (sized by layers[i].total): per statistic, one block per buffer
+// type (see alloc_blocks); the buffers are appended to `bufs`
 static bool alloc_stats(std::vector<llama_kv_compressed_layer> & layers, uint32_t mask, bool query_heads,
         std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
-    if (mask == 0) {
-        return true;
-    }
-    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctxs;
-    for (auto & layer : layers) {
-        auto & c = ctxs[layer.buft];
-        if (!c) {
-            c.reset(llama_kv_compressed_meta_ctx(LLAMA_LOCALKV_STAT_COUNT*layers.size() + 8));
+    for (int32_t s = 0; s < LLAMA_LOCALKV_STAT_COUNT; ++s) {
+        if (!(mask & (1u << s))) {
+            continue;
         }
-        for (int32_t s = 0; s < LLAMA_LOCALKV_STAT_COUNT; ++s) {
-            if (mask & (1u << s)) {
-                layer.stats[s] = llama_kv_compressed_layer::written_with_token(s) ?
-                    ggml_new_tensor_2d(c.get(), GGML_TYPE_F32, 1, layer.total) : // a row per slot
-                    ggml_new_tensor_1d(c.get(), GGML_TYPE_F32, (int64_t) layer.total*layer.stat_rows(s, query_heads));
-                ggml_format_name(layer.stats[s], "localkv_stat%d_l%d", s, layer.il);
-            }
+        const bool per_slot = llama_kv_compressed_layer::written_with_token(s);
+        auto elems = [&](const llama_kv_compressed_layer & layer) {
+            return (int64_t) layer.total*layer.stat_rows(s, query_heads);
+        };
+        auto view = [&](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
+            ggml_tensor * t = per_slot ?
+                ggml_view_2d(ctx, block, 1, layer.total, sizeof(float), offset) : // a row per slot
+                ggml_view_1d(ctx, block, elems(layer), offset);
+            ggml_format_name(t, "localkv_stat%d_l%d", s, layer.il);
+            return layer.stats[s] = t;
+        };
+        if (!alloc_blocks(layers, GGML_TYPE_F32, "localkv_stats", elems, view, bufs)) {
+            return false;
         }
     }
-    return alloc_zeroed_buffers(ctxs, bufs);
+    return true;
+}
+
+// the live masks of every layer, F16 [1, total] each, one block per buffer type
+static bool alloc_live(std::vector<llama_kv_compressed_layer> & layers,
+        std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
+    auto elems = [](const llama_kv_compressed_layer & layer) { return (int64_t) layer.total; };
+    auto view = [](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
+        layer.live = ggml_view_2d(ctx, block, 1, layer.total, ggml_element_size(block), offset);
+        ggml_format_name(layer.live, "localkv_live_l%d", layer.il);
+        return layer.live;
+    };
+    return alloc_blocks(layers, GGML_TYPE_F16, "localkv_live", elems, view, bufs);
 }
 
 // int32 aliases of the K/V bytes of every layer, for bit-exact moves on the backend (none for a type whose head
@@ -224,14 +292,15 @@ llama_kv_compressed_layer llama_kv_cache_compressed::layout_layer(const llama_kv
     layer.n_head_kv = old.n_head_kv;
     layer.buft      = old.buft;
     layer.out_prod  = old.out_prod;
+    layer.heads_alone = old.heads_alone;
     for (uint32_t h = 0; h < layer.n_head_kv; ++h, ++k) {
         layer.capacity.push_back(capacities[k]);
-        layer.alloc.push_back(GGML_PAD(slots[k], ALLOC_PAD));
+        layer.alloc.push_back(GGML_PAD(slots[k], slot_pad));
         layer.base.push_back(layer.total);
         layer.total += layer.alloc.back();
         // a POD follower's K region holds its proximal tokens only
         layer.leader.push_back(pod_leader.empty() ? -1 : pod_leader[k]);
-        layer.k_alloc.push_back(layer.leader.back() >= 0 ? GGML_PAD(pod_n_sink + pod_n_recent, ALLOC_PAD) : layer.alloc.back());
+        layer.k_alloc.push_back(layer.leader.back() >= 0 ? GGML_PAD(pod_n_sink + pod_n_recent, slot_pad) : layer.alloc.back());
         layer.k_base.push_back(layer.k_total);
         layer.k_total += layer.k_alloc.back();
     }
@@ -275,7 +344,8 @@ int32_t llama_kv_cache_compressed::allocate(const uint32_t * capacities, const u
         }
     }
 
-    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs)) {
+    // the live masks: buffers of their own, not KV
+    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs) || !alloc_live(out.layers, out.live_bufs)) {
         err = "failed to allocate the compressed KV buffers";
         return LLAMA_LOCALKV_ERR_ALLOC;
     }
@@ -294,9 +364,11 @@ int32_t llama_kv_cache_compressed::allocate(const uint32_t * capacities, const u
 void llama_kv_cache_compressed::install(storage & st) {
     layers    = std::move(st.layers);
     kv_bufs   = std::move(st.kv_bufs);
+    live_bufs = std::move(st.live_bufs);
     stat_bufs = std::move(st.stat_bufs);
     raw_ctx   = std::move(st.raw_ctx);
-    epoch     = next_storage_epoch();
+    epoch     = llama_kv_compressed_next_epoch();
+    live_dirty = true;
 
     size_t total = 0;
     for (const auto & [c, buf] : kv_bufs) {
@@ -361,7 +433,7 @@ int32_t llama_kv_cache_compressed::resize(const uint32_t * capacities, const uin
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & layer = layers[i];
         for (uint32_t h = 0; h < layer.n_head_kv; ++h, ++k) {
-            if (layer.n_used[h] > GGML_PAD(slots[k], ALLOC_PAD)) {
+            if (layer.n_used[h] > GGML_PAD(slots[k], slot_pad)) {
                 err = "cached layer " + std::to_string(i) + " KV head " + std::to_string(h) + " holds " + std::to_string(layer.n_used[h]) +
                     " tokens, more than its new slot count " + std::to_string(slots[k]) + ": keep fewer first";
                 return LLAMA_LOCALKV_ERR_STATE;
@@ -399,7 +471,7 @@ int32_t llama_kv_cache_compressed::set_stats(uint32_t flags, uint32_t window, bo
         stat_bufs.clear();
         stat_alloc  = 0;
         query_heads = per_query_head;
-        epoch       = next_storage_epoch();
+        epoch       = llama_kv_compressed_next_epoch();
     }
     const uint32_t add = flags & ~stat_alloc;
     if (add != 0) {
@@ -415,7 +487,7 @@ int32_t llama_kv_cache_compressed::set_stats(uint32_t flags, uint32_t window, bo
             return LLAMA_LOCALKV_ERR_ALLOC;
         }
         stat_alloc |= add;
-        epoch = next_storage_epoch();
+        epoch = llama_kv_compressed_next_epoch();
     }
     stat_flags = flags;
     obs_window = window;
@@ -436,7 +508,7 @@ int32_t llama_kv_cache_compressed::set_scorer(int32_t i, int32_t n_in, int32_t n
     scorer & sc = scorers[i];
     if (!w1) {
         sc = scorer();
-        epoch = next_storage_epoch(); // a graph built with the scorer is never reused
+        epoch = llama_kv_compressed_next_epoch(); // a graph built with the scorer is never reused
         return LLAMA_LOCALKV_OK;
     }
     const auto & layer = layers[i];
@@ -469,6 +541,6 @@ int32_t llama_kv_cache_compressed::set_scorer(int32_t i, int32_t n_in, int32_t n
         ggml_backend_tensor_set(next.b2, b2, 0, ggml_nbytes(next.b2));
     }
     sc = std::move(next);
-    epoch = next_storage_epoch(); // a graph built with the old weights (or none) is never reused
+    epoch = llama_kv_compressed_next_epoch(); // a graph built with the old weights (or none) is never reused
     return LLAMA_LOCALKV_OK;
 }

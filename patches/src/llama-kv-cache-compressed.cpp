@@ -3,6 +3,8 @@
 
 #include "llama-kv-cache-compressed.h"
 
+#include "llama-context.h"
+
 #include "llama-batch.h"
 #include "llama-impl.h"
 #include "llama-io.h"
@@ -39,16 +41,23 @@ uint32_t llama_kv_compressed_layer::stat_rows(int32_t stat, bool query_heads) co
 }
 
 std::vector<uint32_t> llama_kv_compressed_plan::signature(uint32_t n_tokens) const {
-    std::vector<uint32_t> sig = { epoch, n_tokens, width, window, flags, hide ? 1u : 0u };
+    // a decode step's masks are views of the live masks; a prefill's gather from a template of this width
+    std::vector<uint32_t> sig = { epoch, n_tokens, n_tokens > 1 ? width : 0u, window, flags, n_tokens > 1 && hide ? 1u : 0u };
     for (const auto & layer_parts : parts) {
         sig.push_back((uint32_t) layer_parts.size());
         for (const auto & part : layer_parts) {
             sig.push_back(part.first_head);
             sig.push_back(part.n_heads);
-            sig.push_back(mask_offset(part));
             sig.push_back(part.n_kv);
             sig.push_back((uint32_t) (part.leader + 1));
             sig.push_back(part.pod_state);
+        }
+        // a prefill's masks: each head's column in the template (which heads share a view)
+        for (size_t h = 0; n_tokens > 1 && h < layer_parts.size(); ++h) {
+            const auto & part = layer_parts[h];
+            for (uint32_t j = 0; j < part.n_heads; ++j) {
+                sig.push_back(mask_offset(&layer_parts - parts.data(), part.first_head + j));
+            }
         }
     }
     return sig;
@@ -56,7 +65,7 @@ std::vector<uint32_t> llama_kv_compressed_plan::signature(uint32_t n_tokens) con
 
 uint32_t llama_kv_compressed_extra_nodes(const llama_memory_i * mem) {
     const auto * kv = dynamic_cast<const llama_kv_cache_compressed *>(mem);
-    return kv ? 128*kv->n_heads_total() + 256 : 0; // per part: attention, statistics, a max tree
+    return kv ? 128*kv->n_heads_total() + 256 : 0; // per part (at most a head): attention, statistics, a max tree
 }
 
 int32_t llama_kv_cache_compressed::layer_index(int32_t il) const {
@@ -73,8 +82,10 @@ uint32_t llama_kv_cache_compressed::n_heads_total() const {
 
 size_t llama_kv_cache_compressed::stats_bytes() const {
     size_t total = 0;
-    for (const auto & [c, buf] : stat_bufs) {
-        total += ggml_backend_buffer_get_size(buf.get());
+    for (const auto * bufs : { &stat_bufs, &live_bufs }) {
+        for (const auto & [c, buf] : *bufs) {
+            total += ggml_backend_buffer_get_size(buf.get());
+        }
     }
     return total;
 }
@@ -164,6 +175,7 @@ void llama_kv_cache_compressed::clear(bool data) {
         std::fill(layer.pos.begin(), layer.pos.end(), -1);
     }
     pos_max = -1;
+    live_dirty = true;
 
     for (auto & [c, buf] : stat_bufs) {
         ggml_backend_buffer_clear(buf.get(), 0);
@@ -303,7 +315,7 @@ llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_ca
 }
 
 llama_kv_cache_compressed_context::llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, llama_context * lctx) :
-    status(kv->has_pending() ? LLAMA_MEMORY_STATUS_SUCCESS : LLAMA_MEMORY_STATUS_NO_UPDATE), kv(kv), lctx(lctx),
+    status(LLAMA_MEMORY_STATUS_NO_UPDATE), kv(kv), lctx(lctx),
     windowed(kv->get_windowed() ? kv->get_windowed()->init_update(lctx, false) : nullptr) {
     if (windowed) {
         status = llama_memory_status_combine(status, windowed->get_status());
@@ -333,14 +345,15 @@ bool llama_kv_cache_compressed_context::apply() {
         return false;
     }
     if (lctx) {
-        kv->flush(lctx); // an update: the pending compactions
-        return true;
+        return true; // an update: the windowed layers' only
     }
     if (ubatches.empty()) {
         return true; // the worst case: nothing to record
     }
     const llama_ubatch & ubatch = ubatches[i_cur];
     plan = kv->plan_ubatch(ubatch.n_tokens);
+    kv->flush();       // the pending compactions (not as a memory update: no worst-case reservation follows)
+    kv->upload_live(); // what the heads hold before the ubatch (the graph opens the ubatch's own slots)
     kv->write_ubatch(ubatch);
     return true;
 }
@@ -368,7 +381,7 @@ llama_kv_compressed_plan llama_kv_cache_compressed::make_plan(uint32_t n_tokens,
     plan.epoch = epoch;
     plan.hide  = hide_p0 < hide_p1;
 
-    plan_parts(plan, n_tokens, reserve);
+    plan_parts(plan, reserve);
     plan_mask_template(plan);
     if (plan.flags != 0) {
         plan.window = std::min(obs_window, n_tokens);
@@ -377,72 +390,68 @@ llama_kv_compressed_plan llama_kv_cache_compressed::make_plan(uint32_t n_tokens,
     return plan;
 }
 
-// KV head h of `layer` as a part of its own, for a ubatch of n_tokens (reserve: the largest graph it can produce)
-static llama_kv_compressed_part head_part(const llama_kv_compressed_layer & layer, uint32_t h, uint32_t n_tokens, bool reserve) {
+// KV head h of `layer` as a part of its own: it attends all its slots (the live mask hides the empty ones)
+static llama_kv_compressed_part head_part(const llama_kv_compressed_layer & layer, uint32_t h) {
     llama_kv_compressed_part part;
     part.first_head  = h;
     part.n_heads     = 1;
     part.base        = layer.base[h];
     part.alloc       = layer.alloc[h];
-    part.capacity    = layer.capacity[h];
+    part.n_kv        = layer.alloc[h];
     part.leader      = layer.leader[h];
     part.n_written   = layer.n_written[h];
-    part.ubatch_slot = reserve ? 0 : layer.n_used[h];
-    part.n_kv        = reserve ? layer.alloc[h] :
-        std::min(layer.alloc[h], GGML_PAD(layer.n_used[h] + n_tokens, llama_kv_cache_compressed::N_KV_PAD));
     return part;
 }
 
-// whether `part` (one head) joins the last of `parts`: a head whose slots, fill and capacity match the previous
-// ones', right after them (not while positions are hidden: each head then has its own mask)
-static bool join_part(std::vector<llama_kv_compressed_part> & parts, const llama_kv_compressed_part & part, bool hide) {
-    if (parts.empty() || hide) {
+// whether `part` (one head of `layer`) joins the last of `parts`: a head with as many slots as the previous ones,
+// right after them, neither of them a POD follower (a follower attends on its own)
+static bool join_part(const llama_kv_compressed_layer & layer, std::vector<llama_kv_compressed_part> & parts,
+        const llama_kv_compressed_part & part) {
+    if (parts.empty() || part.leader >= 0 || layer.heads_alone) {
         return false;
     }
     auto & last = parts.back();
-    if (last.leader < 0 && last.alloc == part.alloc && last.ubatch_slot == part.ubatch_slot && last.capacity == part.capacity &&
-            last.n_kv == part.n_kv && last.base + last.n_heads*last.alloc == part.base) {
+    if (last.leader < 0 && last.alloc == part.alloc && last.base + last.n_heads*last.alloc == part.base) {
         last.n_heads++;
         return true;
     }
     return false;
 }
 
-void llama_kv_cache_compressed::plan_parts(llama_kv_compressed_plan & plan, uint32_t n_tokens, bool reserve) const {
+void llama_kv_cache_compressed::plan_parts(llama_kv_compressed_plan & plan, bool reserve) const {
     plan.parts.resize(layers.size());
     plan.head_offset.resize(layers.size());
+    plan.ubatch_slot.assign(n_heads_total(), 0);
 
     uint32_t head_offset = 0;
     for (size_t i = 0; i < layers.size(); ++i) {
         const auto & layer = layers[i];
         plan.head_offset[i] = head_offset;
-        head_offset += layer.n_head_kv;
-
         for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
-            llama_kv_compressed_part part = head_part(layer, h, n_tokens, reserve);
+            plan.ubatch_slot[head_offset + h] = reserve ? 0 : layer.n_used[h];
+            llama_kv_compressed_part part = head_part(layer, h);
             if (part.leader >= 0) {
                 part.pod_state = pod_state_of(plan, (int32_t) i, h);
-                plan.parts[i].push_back(part); // a follower attends on its own
-            } else if (!join_part(plan.parts[i], part, plan.hide)) {
+            }
+            if (!join_part(layer, plan.parts[i], part)) {
                 plan.parts[i].push_back(part);
             }
         }
+        head_offset += layer.n_head_kv;
     }
 }
 
-// the ubatch's column in the mask template is the largest ubatch slot, so every part's view of the template
+// the ubatch's column in the mask template is the largest ubatch slot, so every head's view of the template
 // starts at a column >= 0; the template is as wide as the widest view
 void llama_kv_cache_compressed::plan_mask_template(llama_kv_compressed_plan & plan) const {
     plan.ubatch_column = 0;
-    for (const auto & layer_parts : plan.parts) {
-        for (const auto & part : layer_parts) {
-            plan.ubatch_column = std::max(plan.ubatch_column, part.ubatch_slot);
-        }
+    for (uint32_t slot : plan.ubatch_slot) {
+        plan.ubatch_column = std::max(plan.ubatch_column, slot);
     }
     plan.width = 1;
-    for (const auto & layer_parts : plan.parts) {
-        for (const auto & part : layer_parts) {
-            plan.width = std::max(plan.width, plan.mask_offset(part) + part.n_kv);
+    for (size_t i = 0; i < layers.size(); ++i) {
+        for (uint32_t h = 0; h < layers[i].n_head_kv; ++h) {
+            plan.width = std::max(plan.width, plan.mask_offset(i, h) + layers[i].alloc[h]);
         }
     }
 }
@@ -457,8 +466,8 @@ void llama_kv_cache_compressed::plan_obs_scale(llama_kv_compressed_plan & plan, 
             for (uint32_t h = part.first_head; h < part.first_head + part.n_heads; ++h) {
                 for (uint32_t r = 0; r < plan.window; ++r) {
                     // tokens visible to the observed query r: the kept ones plus the ubatch up to and including it
-                    const double n_vis = (double) part.ubatch_slot + (n_tokens - plan.window + r) + 1;
-                    const double k     = (double) part.capacity;
+                    const double n_vis = (double) plan.slot_of(i, h) + (n_tokens - plan.window + r) + 1;
+                    const double k     = (double) layers[i].capacity[h];
                     plan.obs_scale[(size_t) (plan.head_offset[i] + h)*plan.window + r] =
                         n_vis > k ? (float) std::sqrt(2.0*std::log(n_vis/k)/d) : 1.0f/std::sqrt(d);
                 }
@@ -521,6 +530,38 @@ struct windowed_state_reader : llama_io_read_i {
 void llama_kv_cache_compressed::set_hidden(llama_pos p0, llama_pos p1) {
     hide_p0 = p0;
     hide_p1 = p1;
+    live_dirty = true;
+}
+
+void llama_kv_cache_compressed::upload_live() {
+    if (!live_dirty) {
+        return;
+    }
+    if (owner) {
+        owner->synchronize(); // the last graph may still read the masks
+    }
+    // every layer's block of a device in one host array, then one transfer per device
+    const ggml_fp16_t open   = ggml_fp32_to_fp16(0.0f);
+    const ggml_fp16_t closed = ggml_fp32_to_fp16(-INFINITY);
+    std::map<ggml_tensor *, std::vector<ggml_fp16_t>> blocks;
+    for (const auto & layer : layers) {
+        ggml_tensor * block = layer.live->view_src;
+        auto & host = blocks[block];
+        host.resize(ggml_nelements(block), closed);
+        ggml_fp16_t * row = host.data() + layer.live->view_offs/sizeof(ggml_fp16_t);
+        for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+            for (uint32_t s = 0; s < layer.n_used[h]; ++s) {
+                const llama_pos p = layer.pos[layer.base[h] + s];
+                row[layer.base[h] + s] = p >= hide_p0 && p < hide_p1 ? closed : open;
+            }
+        }
+    }
+    for (const auto & [block, host] : blocks) {
+        ggml_backend_tensor_set(block, host.data(), 0, ggml_nbytes(block));
+        transfers++;
+        transfer_bytes += ggml_nbytes(block);
+    }
+    live_dirty = false;
 }
 
 void llama_kv_cache_compressed::set_replay(bool on) {

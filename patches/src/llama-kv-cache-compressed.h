@@ -19,14 +19,17 @@
 // (compacted by keep) and a ubatch is appended right after them, so the attention mask of a head depends
 // only on n_used[h]: one host-filled template serves every head, each viewing it at its own column offset.
 //
-// Attention runs once per "part": a run of consecutive KV heads with the same slots, fill and capacity,
-// read through one strided view. A layer whose heads agree (every uniform policy) is one part and one
-// attention call; a ragged layer costs one call per distinct head plus a concat.
+// Attention runs once per "part": a run of consecutive KV heads with the same number of slots, read through one
+// strided view in one attention call whatever each head holds (each KV head is a stream of its own to the
+// attention, with its own mask: a view of the layer's `live` row at decode). A layer whose heads have equal slots
+// (every uniform policy) is one part; the engine pads a ragged layer's heads into at most two runs, so a ragged
+// layer costs two attention calls and a concat.
 //
 // keep() only decides: positions and n_used change at once, and the rows to move are recorded as a
-// pending compaction. The next llama_decode (through init_update) or any call that reads the device
-// runs every pending compaction in one ggml graph (get_rows + cpy on the backend the cache lives in),
-// so K and V never cross to the host; only the indices go up.
+// pending compaction. The next llama_decode (before its first ubatch is written) or any call that reads
+// the device runs every pending compaction in one ggml graph (get_rows + cpy on the backend the cache lives
+// in), so K and V never cross to the host (only the indices go up), and with no worst-case graph reservation
+// after it (a memory update would bring one).
 //
 // Statistics are allocated when first asked for and computed only while switched on. They are kept
 // per KV head (the GQA group's query heads summed in the graph) unless per-query-head storage is
@@ -81,6 +84,9 @@ struct llama_kv_compressed_layer {
 
     ggml_backend_buffer_type_t buft = nullptr; // where this layer's K, V and statistics live
     bool out_prod = false; // its device runs GGML_OP_OUT_PROD: the statistics sum over queries without a transpose
+    // attention sinks or ALiBi slopes: both are indexed by query head within one stream of the attention, so this
+    // layer's heads attend one at a time (a part per head)
+    bool heads_alone = false;
 
     // per KV head
     std::vector<uint32_t> capacity;  // tokens kept by a compression (the budget)
@@ -108,6 +114,10 @@ struct llama_kv_compressed_layer {
 
     ggml_tensor * k = nullptr; // [n_embd_head_k, k_total]
     ggml_tensor * v = nullptr; // [n_embd_head_v, total]
+    // F16 [1, total]: 0 on a slot the next queries may see (in use, position not hidden), -inf elsewhere. Written
+    // whole by the host when the layout changes (keep, resize, hide, clear), and per ubatch by the graph, which
+    // opens the ubatch's own slots; a decode step's mask for a part is a plain view of it
+    ggml_tensor * live = nullptr;
 
     // int32 aliases of the K and V bytes ([head row bytes / 4, total]): get_rows moves them bit for bit
     // whatever the cache type; null when a head's row is not a multiple of 4 bytes (host fallback)
@@ -140,16 +150,14 @@ struct llama_kv_compressed_layer {
     }
 };
 
-// consecutive KV heads [first_head, first_head + n_heads) of a layer that attend as one: the same slots, fill and
-// capacity, so one strided view covers them (rows of head first_head + j start at base + j*alloc)
+// consecutive KV heads [first_head, first_head + n_heads) of a layer that attend as one: the same slots, so one
+// strided view covers them (rows of head first_head + j start at base + j*alloc); each head has its own fill
 struct llama_kv_compressed_part {
     uint32_t first_head  = 0;
     uint32_t n_heads     = 0;
     uint32_t base        = 0;  // first row of the first head
     uint32_t alloc       = 0;  // slots of each head (the view's head stride)
-    uint32_t ubatch_slot = 0;  // slot of the ubatch's first token in each head
-    uint32_t n_kv        = 0;  // slots attended (padded, <= alloc)
-    uint32_t capacity    = 0;
+    uint32_t n_kv        = 0;  // slots attended: all of them (so a part's rows of the live mask are one contiguous block)
     int32_t  leader      = -1; // POD: the leader's cached layer when this part is one follower head
     uint32_t n_written   = 0;  // POD: tokens the follower had written before this ubatch
     uint32_t pod_state   = 0;  // POD: followers in the same state share one mask (index into plan.pod_states)
@@ -159,33 +167,38 @@ struct llama_kv_compressed_part {
 struct llama_kv_compressed_plan {
     std::vector<std::vector<llama_kv_compressed_part>> parts; // per cached layer
     std::vector<uint32_t> head_offset; // per cached layer: index of its first KV head over all layers
+    std::vector<uint32_t> ubatch_slot; // per KV head over all layers: slot of the ubatch's first token (its fill before it)
     std::vector<float>    obs_scale;   // [n_heads_total][window]: AhaKV scale of each observed query row
     uint32_t window = 0;         // observed queries (min(obs_window, n_tokens)), 0 when no statistic is on
     uint32_t flags  = 0;         // statistics computed for this ubatch
     uint32_t ubatch_column = 0;  // column of the ubatch's first token in the mask template (the largest ubatch_slot)
     uint32_t width  = 0;         // columns of the mask template
     uint32_t epoch  = 0;         // the storage's epoch when planned
-    bool     hide   = false;     // positions are hidden (llama_kv_cache_compressed::set_hidden): a part per KV head
+    bool     hide   = false;     // positions are hidden (a prefill's masks then add the live mask)
     std::vector<std::pair<int32_t, uint32_t>> pod_states; // POD: a (cached layer, head) of every follower state
 
     // whether statistics are computed for this ubatch
     bool has_stats() const { return flags != 0 && window != 0; }
 
-    // the column of the mask template where a part's view starts (its causal block lines up with everyone's)
-    uint32_t mask_offset(const llama_kv_compressed_part & part) const { return ubatch_column - part.ubatch_slot; }
+    // the slot of the ubatch's first token in KV head h of cached layer i
+    uint32_t slot_of(size_t i, uint32_t h) const { return ubatch_slot[head_offset[i] + h]; }
+    // the column of the mask template where KV head h of cached layer i views it (its causal block lines up with
+    // everyone's): a prefill's masks are these views, gathered per part
+    uint32_t mask_offset(size_t i, uint32_t h) const { return ubatch_column - slot_of(i, h); }
 
-    // what a decode graph built for this plan depends on: per part its heads, the offset of its block in
-    // the mask template and its width, and the statistics; while decoding between compressions it stays
-    // the same (views of the storage change only with the epoch)
+    // what a graph built for this plan depends on: per part its heads and width, and the statistics (a prefill's
+    // also the template's width). Between two reallocations of the storage a decode graph stays the same, across
+    // compressions too: what each head holds is in the live mask, not in the graph
     std::vector<uint32_t> signature(uint32_t n_tokens) const;
 };
 
 class llama_kv_cache_compressed : public llama_memory_i {
 public:
-    // n_kv is padded like the plain cache's (backends pick faster kernels), but never past the allocation
-    static constexpr uint32_t N_KV_PAD = 256;
-    // slots are allocated in multiples of this (keeps rows of every quantized type block-aligned)
-    static constexpr uint32_t ALLOC_PAD = 32;
+    // slots are allocated in multiples of ALLOC_PAD (keeps rows of every quantized type block-aligned), or of
+    // DEVICE_PAD when a layer lives on a device (a part attends all its slots, and a GPU's fast attention kernels
+    // want a multiple of 256, as upstream pads its own cache); LLAMA_LOCALKV_SLOT_PAD overrides both (measurement)
+    static constexpr uint32_t ALLOC_PAD  = 32;
+    static constexpr uint32_t DEVICE_PAD = 256;
     // refuse absurd budgets before asking a backend for the memory
     static constexpr uint64_t MAX_SLOTS = 1u << 24;
 
@@ -213,7 +226,8 @@ public:
 
     llama_memory_context_ptr init_batch(llama_batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) override;
     llama_memory_context_ptr init_full() override;
-    // pending compactions run as this update (NO_UPDATE when there are none)
+    // the windowed layers' update only (NO_UPDATE otherwise): compactions run when a batch is applied, so the
+    // context does not reserve its worst-case graph again after each
     llama_memory_context_ptr init_update(llama_context * lctx, bool optimize) override;
 
     bool get_can_shift() const override { return false; }
@@ -270,14 +284,18 @@ public:
     // n_keep[h] slots of each KV head h of cached layer i, listed head after head in `slots`
     int32_t keep(int32_t i, const int32_t * slots, const int32_t * n_keep, std::string & err);
 
-    // statistic `stat` of cached layer i, slots in use head after head; returns the floats written
+    // statistic `stat` of cached layer i, slots in use head after head; returns the floats written (one transfer)
     int32_t get_stat(int32_t i, int32_t stat, bool sum_per_kv_head, float * out, size_t n_out, std::string & err);
+    // the same for every cached layer, layer after layer (one transfer per device)
+    int64_t get_stats(int32_t stat, bool sum_per_kv_head, float * out, size_t n_out, std::string & err);
 
     // raw K (which = 0) or V (1) rows of the slots in use, head after head; returns the bytes of one row
     int32_t read_rows(int32_t i, int32_t which, void * out, size_t n_out, std::string & err);
 
-    // run the pending compactions on the backend; true if any ran (the scheduler was used)
-    bool flush(llama_context * lctx);
+    // the context whose memory this cache is (called once, when it is enabled): compactions run on its scheduler
+    void attach(llama_context * lctx);
+    // run the pending compactions (and clear freed slots' statistics) on the cache's backends; true if any ran
+    bool flush();
     bool has_pending() const;
 
     // a sliding-window model's windowed layers, kept as upstream keeps them (taken over once, at creation)
@@ -287,7 +305,8 @@ public:
     const std::vector<llama_kv_compressed_layer> & get_layers() const { return layers; }
     uint32_t n_heads_total() const;
     uint64_t get_transfer_bytes() const { return transfer_bytes; }
-    size_t   stats_bytes() const;
+    uint64_t get_transfers()      const { return transfers; }
+    size_t   stats_bytes() const; // the statistics and the live masks: what the cache holds beside K and V
 
     //
     // one ubatch (llama_kv_cache_compressed_context): planned from the state before it, then written
@@ -339,10 +358,22 @@ public:
     void          set_input_rot(ggml_tensor * dst, bool v) const;
 
     void set_input_kq_mask  (ggml_tensor * dst, const llama_ubatch * ubatch, const llama_kv_compressed_plan & plan) const;
+    // the live-mask values of the ubatch's rows (F32, a row per (token, KV head) as the write rows): 0, or -inf for a
+    // token whose position is hidden
+    void set_input_live_rows(ggml_tensor * dst, const llama_ubatch * ubatch) const;
+    // the template columns each KV head of a part views (I32 [n_heads, n_tokens]; a prefill's masks gather them)
+    void set_input_mask_offsets(ggml_tensor * dst, int32_t i, uint32_t first_head, const llama_kv_compressed_plan & plan) const;
+    // the live mask of the part's heads [n_kv, 1, 1, n_heads] (a stream per KV head), from `live` (the layer's row
+    // after the graph opened the ubatch's slots)
+    ggml_tensor * get_live(ggml_context * ctx, ggml_tensor * live, const llama_kv_compressed_part & part) const;
+    // K or V of a part as streams, for upstream's attention: [n_embd_head, 1, n_kv, n_heads]
+    ggml_tensor * get_k_streams(ggml_context * ctx, int32_t i, const llama_kv_compressed_part & part) const;
+    ggml_tensor * get_v_streams(ggml_context * ctx, int32_t i, const llama_kv_compressed_part & part) const;
+    // write every layer's live mask from what its heads hold, when it changed (before a ubatch is written)
+    void upload_live();
+    uint32_t get_slot_pad() const { return slot_pad; }
     void set_input_obs_scale(ggml_tensor * dst, const llama_kv_compressed_plan & plan) const;
     void set_input_idxs     (ggml_tensor * dst, int32_t i, const llama_kv_compressed_plan & plan, bool k_rows) const;
-    // per slot of cached layer i: -inf for a hidden position, 0 otherwise (F32 [total])
-    void set_input_hidden   (ggml_tensor * dst, int32_t i) const;
     // POD: a follower state's mask [n_sink + n_recent + n_kv, n_tokens] (own proximal keys, then the leader's
     // columns, distant ones open) and a follower's V rows in that column order (I32)
     void set_input_pod_mask  (ggml_tensor * dst, const llama_ubatch * ubatch, const llama_kv_compressed_plan & plan, uint32_t state) const;
@@ -359,6 +390,7 @@ private:
     std::unordered_map<int32_t, int32_t> map_layer_ids; // model layer -> cached layer
 
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> kv_bufs;
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> live_bufs; // the live masks (2 bytes per slot)
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> stat_bufs;
     ggml_context_ptr raw_ctx; // holds the k_raw / v_raw aliases
 
@@ -379,12 +411,20 @@ private:
     uint32_t obs_window  = 32;
     bool     query_heads = false; // statistics per query head instead of summed per KV head
 
-    // bytes moved between host and backend by compression: indices, statistics read, host fallbacks
+    // bytes moved between host and backend by compression (indices, statistics read, live masks, host fallbacks),
+    // and the synchronous transfers that moved them (each a ggml_backend_tensor_get/set/memset)
     uint64_t transfer_bytes = 0;
+    uint64_t transfers      = 0;
 
     // changes whenever a tensor a graph may point to is replaced (resize, statistics allocated or freed):
     // a graph built before is never reused after
     uint32_t epoch = 0;
+
+    uint32_t slot_pad  = ALLOC_PAD; // slots per head are a multiple of this (set at creation from the layers' devices)
+
+    // the context whose memory this is (attach): compactions run on its scheduler
+    llama_context * owner = nullptr;
+    bool     live_dirty = true;     // the live masks no longer match what the heads hold: uploaded before the next ubatch
 
     llama_pos pos_max = -1; // last position written (the sequence goes on from here)
 
@@ -410,6 +450,7 @@ private:
     struct storage {
         std::vector<llama_kv_compressed_layer> layers;
         std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> kv_bufs;
+        std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> live_bufs;
         std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> stat_bufs;
         ggml_context_ptr raw_ctx;
     };
@@ -431,7 +472,7 @@ private:
     //
 
     llama_kv_compressed_plan make_plan(uint32_t n_tokens, bool reserve) const;
-    void plan_parts(llama_kv_compressed_plan & plan, uint32_t n_tokens, bool reserve) const;
+    void plan_parts(llama_kv_compressed_plan & plan, bool reserve) const;
     void plan_mask_template(llama_kv_compressed_plan & plan) const;
     void plan_obs_scale(llama_kv_compressed_plan & plan, uint32_t n_tokens) const;
 
@@ -443,7 +484,8 @@ private:
     int32_t kept_slots(int32_t i, const int32_t * slots, const int32_t * n_keep, std::vector<std::vector<uint32_t>> & kept,
             std::string & err) const;
     void record_keep(size_t i, const std::vector<std::vector<uint32_t>> & kept);
-    void zero_stale_stats();
+    // whether statistic `stat` can be read (as rows per KV head when sum_per_kv_head)
+    int32_t check_stat(int32_t stat, bool sum_per_kv_head, std::string & err) const;
     void compact_on_host(ggml_tensor * t, const llama_kv_compressed_layer & layer);
 
     //
@@ -469,11 +511,14 @@ private:
 // a no_alloc ggml context for n_tensors tensor headers
 ggml_context * llama_kv_compressed_meta_ctx(size_t n_tensors);
 
+// a new value for every storage change of any compressed cache (see llama_kv_cache_compressed::epoch)
+uint32_t llama_kv_compressed_next_epoch();
+
 // graph nodes a compressed cache may add to a decode graph beyond upstream's budget (0 for any other memory):
 // one attention per KV head, each with its mask and statistics
 uint32_t llama_kv_compressed_extra_nodes(const llama_memory_i * mem);
 
-// the memory context of one batch, of the worst case (graph reservation) or of an update (compaction)
+// the memory context of one batch, of the worst case (graph reservation) or of an update (the windowed layers')
 class llama_kv_cache_compressed_context : public llama_memory_context_i {
 public:
     explicit llama_kv_cache_compressed_context(llama_memory_status status);
@@ -481,7 +526,7 @@ public:
     // the worst case
     explicit llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv);
 
-    // the pending compactions
+    // an update: the windowed layers' (the compressed layers' compactions run when the next batch is applied)
     llama_kv_cache_compressed_context(llama_kv_cache_compressed * kv, llama_context * lctx);
 
     // a batch (`windowed`: the windowed layers' context for the same ubatches, null without them)

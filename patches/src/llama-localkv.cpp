@@ -201,14 +201,10 @@ static auto localkv_with_cache(const llama_context * ctx, int32_t on_throw, F &&
     });
 }
 
-// run the pending compactions (through the context's memory update, which also stops the previous
-// decode graph from being reused) before anything reads or reshapes the device buffers
+// run the pending compactions (on the cache's own scheduler) before anything reads or reshapes the device buffers
 static void localkv_flush(llama_context * ctx, llama_kv_cache_compressed & kv) {
-    if (kv.has_pending()) {
-        ctx->synchronize();
-        ctx->memory_update(false);
-    }
     ctx->synchronize();
+    kv.flush();
 }
 
 // localkv_with_cache for a call that reads or reshapes the device: the pending compactions run first, and `body`
@@ -308,6 +304,7 @@ int32_t llama_localkv_enable(llama_context * ctx, const uint32_t * capacities, c
         if (iswa) {
             compressed->set_windowed(localkv_windowed_cache(ctx, *iswa->get_swa()));
         }
+        compressed->attach(ctx);
         ctx->swap_memory(std::move(compressed)); // the plain caches' buffers are freed here
         return LLAMA_LOCALKV_OK;
     });
@@ -463,6 +460,15 @@ int32_t llama_localkv_get_stat(llama_context * ctx, int32_t i, int32_t stat, boo
     });
 }
 
+int64_t llama_localkv_get_stats(llama_context * ctx, int32_t stat, bool sum_per_kv_head, float * out, size_t n_out) {
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) -> int64_t {
+        localkv_flush(ctx, kv);
+        std::string err;
+        const int64_t n = kv.get_stats(stat, sum_per_kv_head, out, n_out, err);
+        return n >= 0 ? n : (int64_t) localkv_fail((int32_t) n, err);
+    });
+}
+
 int32_t llama_localkv_keep(llama_context * ctx, int32_t i, const int32_t * slots, const int32_t * n_keep) {
     return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [&](llama_kv_cache_compressed & kv) {
         std::string err;
@@ -479,6 +485,12 @@ int64_t llama_localkv_stats_bytes(const llama_context * ctx) {
 int64_t llama_localkv_transfer_bytes(const llama_context * ctx) {
     return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [](llama_kv_cache_compressed & kv) {
         return (int64_t) kv.get_transfer_bytes();
+    });
+}
+
+int64_t llama_localkv_transfers(const llama_context * ctx) {
+    return localkv_with_cache(ctx, LLAMA_LOCALKV_ERR_ARG, [](llama_kv_cache_compressed & kv) {
+        return (int64_t) kv.get_transfers();
     });
 }
 
