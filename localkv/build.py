@@ -253,6 +253,19 @@ def install(force: bool = False) -> None:
     print(f"localkv: installed patched llama_cpp from {wheel.name}", flush=True)
 
 
+def copy_wheel(dest: Path, force: bool = False) -> None:
+    """The patched wheel of the current flags (built, or from the cache) copied into `dest`, not installed: a CUDA
+    build (LOCALKV_CUDA=1) made on a machine without a GPU, for the GPU check (scripts/gpu_check.sh)."""
+    import fcntl
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wheel = wheel_for_current_config(force)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(wheel, dest / wheel.name)
+    print(f"localkv: wrote {dest / wheel.name} ({wheel.stat().st_size / 2**20:.1f} MiB)")
+
+
 def make_tree(dest: Path) -> None:
     """A git repository of the pinned vendored llama.cpp (tag localkv-base), then one commit with our sources,
     then one commit per hook patch: edit it as code, commit, and `export` writes patches/ back."""
@@ -306,7 +319,7 @@ def export_tree(tree: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m localkv.build", description=__doc__.split("\n")[0])
-    ap.add_argument("action", nargs="?", default="install", choices=["install", "tree", "export"])
+    ap.add_argument("action", nargs="?", default="install", choices=["install", "wheel", "tree", "export"])
     ap.add_argument("dir", nargs="?", type=Path)
     ap.add_argument("--check", action="store_true", help="only check that the patches apply")
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")
@@ -324,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             install(args.force)
         elif args.dir is None:
             raise BuildError(f"'{args.action}' needs a directory")
+        elif args.action == "wheel":
+            copy_wheel(args.dir, args.force)
         elif args.action == "tree":
             make_tree(args.dir)
         else:

@@ -739,6 +739,39 @@ def bench_memory(
     run_guarded(body)
 
 
+@bench_app.command("graph")
+def bench_graph(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="registry name or .gguf [default: a random Llama-3-8B-shaped model]"),
+    prompt: int = typer.Option(1024, "--prompt", min=64, help="prompt tokens before the decode steps counted"),
+    budget: int = typer.Option(256, "--budget", min=32),
+    decode: int = typer.Option(8, "--decode", min=1, max=15, help="decode steps counted, twice (within one decode interval)"),
+    parts: Optional[int] = typer.Option(None, "--parts", min=1, help="attention calls per layer [default: 2]"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    gpu_layers: int = GpuLayersOpt,
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Graph nodes and kernels per decoded token: upstream's cache, uniform compressed layers, ragged ones."""
+    def body():
+        from .bench.graph import run
+        res = run(model, prompt=prompt, budget=budget, decode=decode, max_parts=parts, threads=threads,
+                  gpu_layers=gpu_layers)
+        if as_json:
+            print(json.dumps({k: {f: v for f, v in r.items() if f != "ops_per_token"} for k, r in res.items()}))
+            return
+        table = Table(title=f"one decoded token, prompt {prompt}, budget {budget}")
+        for col in ("cache", "nodes", "kernels", "x upstream", "with statistics", "KV MiB", "padding"):
+            table.add_column(col, justify="left" if col == "cache" else "right")
+        base = res["full"]["kernels_per_token"]
+        for name, r in res.items():
+            pad = f"{100 * r['padding']:.1f}%" if "padding" in r else "-"
+            table.add_row(name, f"{r['nodes_per_token']:.0f}", f"{r['kernels_per_token']:.0f}",
+                          f"{r['kernels_per_token'] / base:.2f}", f"{r['with_stats']['kernels_per_token']:.0f}",
+                          f"{r['kv_bytes'] / 2**20:.1f}", pad)
+        out.print(table)
+    run_guarded(body)
+
+
 @bench_app.command("report")
 def bench_report(
     results: Path = typer.Option(Path("bench/results"), "--results", help="directory of committed result files"),

@@ -93,3 +93,43 @@ class HiddenTap:
         if x is not None:
             self.states.setdefault(int(layer), []).append(x.reshape(-1, self.n_embd))
         return True
+
+
+@functools.cache
+def op_name():
+    """ggml_op_name(op) -> bytes."""
+    f = ggml_base_function("ggml_op_name")
+    f.argtypes = [ctypes.c_int]
+    f.restype = ctypes.c_char_p
+    return f
+
+
+# ops that only reinterpret a tensor's memory: no kernel runs for them
+EMPTY_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
+
+
+class OpCounter:
+    """Counts the nodes llama.cpp computes, by op (ggml_op_name): ggml's eval callback asks about each node once;
+    answering no keeps every graph computed in one piece, as it would be without the callback."""
+
+    def __init__(self):
+        self.ops: dict[str, int] = {}
+        self.callback = ll.ggml_backend_sched_eval_callback(self._cb)
+
+    def reset(self) -> None:
+        self.ops = {}
+
+    @property
+    def nodes(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """Nodes that run a kernel (not a view, reshape, permute or transpose)."""
+        return sum(n for op, n in self.ops.items() if op not in EMPTY_OPS)
+
+    def _cb(self, t_ptr, ask, user_data):
+        if ask:
+            op = op_name()(ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents.op).decode()
+            self.ops[op] = self.ops.get(op, 0) + 1
+        return False if ask else True

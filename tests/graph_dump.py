@@ -6,38 +6,17 @@ and V of the same forward pass.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import numpy as np
 
 from localkv.capi import llama_cpp as ll  # loads the library on first use: importing this module needs none
-from localkv.graph_tap import GgmlTensor, ggml_base_function
+from localkv.graph_tap import GgmlTensor, OpCounter
 from localkv.graph_tap import _tensor_get as _get
 
 F32 = 0
 
 
-@functools.cache
-def _op_name():
-    f = ggml_base_function("ggml_op_name")
-    f.argtypes = [ctypes.c_int]
-    f.restype = ctypes.c_char_p
-    return f
-
-
-class OpCount:
-    """Counts the ops (ggml_op_name) of every node llama.cpp computes: ggml's eval callback asks about each
-    node once; answering no keeps the graph computed in one piece."""
-
-    def __init__(self):
-        self.ops: dict[str, int] = {}
-        self.callback = ll.ggml_backend_sched_eval_callback(self._cb)
-
-    def _cb(self, t_ptr, ask, user_data):
-        if ask:
-            op = _op_name()(ctypes.cast(t_ptr, ctypes.POINTER(GgmlTensor)).contents.op).decode()
-            self.ops[op] = self.ops.get(op, 0) + 1
-        return False if ask else True
+OpCount = OpCounter  # the product's counter (localkv.graph_tap), as the tests name it
 
 
 class GraphDump:

@@ -4,6 +4,8 @@ Skipped where llama.cpp was built without a GPU backend (LOCALKV_CUDA=1 ./instal
 device is present. On the GPU the statistics are summed in another order, so a token whose score ties
 with another's may go the other way: the kept sets must agree almost everywhere and greedy replies exactly.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -27,17 +29,32 @@ def _needs_gpu():
         pytest.skip("llama.cpp was built without a GPU backend (or no GPU is present)")
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "ahakv", "h2o"])
+@pytest.fixture
+def gpu_model(request):
+    """LOCALKV_GPU_MODEL (scripts/gpu_check.sh writes a random-weight model on the device, which has no registry),
+    else the default model."""
+    return os.environ.get("LOCALKV_GPU_MODEL") or request.getfixturevalue("model_path")
+
+
+@pytest.mark.parametrize("policy,args", [("snapkv", None), ("snapkv", {"adaptive": "true"}), ("ahakv", None),
+                                         ("h2o", None), ("kvzip", None)],
+                         ids=["snapkv", "snapkv-ragged", "ahakv", "h2o", "kvzip-replay"])
 @pytest.mark.parametrize("ctype", ["f16", "q8_0"])
-def test_gpu_keeps_what_the_cpu_keeps(model_path, policy, ctype):
+def test_gpu_keeps_what_the_cpu_keeps(gpu_model, policy, args, ctype, monkeypatch):
+    # a GPU layer's slots are a multiple of 256; the CPU run is padded alike, so both hold the same slots
+    monkeypatch.setenv("LLAMA_LOCALKV_SLOT_PAD", "256")
     runs = {}
     for where, layers in (("cpu", 0), ("gpu", -1)):
-        with make_engine(model_path, policy=policy, budget=96, chunk=128, gpu_layers=layers, flash_attn=True,
-                         cache_type_k=ctype, cache_type_v=ctype) as eng:
+        if where == "gpu":
+            monkeypatch.delenv("LLAMA_LOCALKV_SLOT_PAD")
+        with make_engine(gpu_model, policy=policy, policy_args=args, budget=96, chunk=128, gpu_layers=layers,
+                         flash_attn=True, cache_type_k=ctype, cache_type_v=ctype) as eng:
             res = eng.generate(PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
             kept = [capi.positions(eng.ctx, i, eng.shape.n_head_kv) for i in range(len(eng.kv_layers))]
-            runs[where] = (res, kept)
-    (cpu, kept_cpu), (gpu, kept_gpu) = runs["cpu"], runs["gpu"]
+            alloc = capi.cache_state(eng.ctx)[1]
+            runs[where] = (res, kept, alloc)
+    (cpu, kept_cpu, alloc_cpu), (gpu, kept_gpu, alloc_gpu) = runs["cpu"], runs["gpu"]
+    assert (alloc_gpu % 256 == 0).all()
     assert gpu.compressions == cpu.compressions > 0
     same = [np.intersect1d(a[h], b[h]).size / max(a.shape[1], 1)
             for a, b in zip(kept_cpu, kept_gpu) for h in range(a.shape[0])]
