@@ -58,6 +58,7 @@ LEAN_CMAKE_ARGS = [
     "-DLLAMA_BUILD_TOOLS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF",
+    "-DGGML_RPC=ON",                # layers on other machines (`localkv rpc-server`, `--rpc HOST:PORT`)
 ]
 
 

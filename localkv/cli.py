@@ -47,6 +47,8 @@ CtxOpt = typer.Option(None, "--ctx", "-c", help="context size in tokens (full ca
 CacheKOpt = typer.Option("f16", "--cache-type-k", "-ctk", help="K cache type: f16, q8_0, q4_0 (llama.cpp's)")
 CacheVOpt = typer.Option("f16", "--cache-type-v", "-ctv", help="V cache type: f16, q8_0, q4_0 (llama.cpp's)")
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="CPU threads [default: all cores]")
+RpcOpt = typer.Option(None, "--rpc", help="llama.cpp RPC servers HOST:PORT[,HOST:PORT...] (`localkv rpc-server` "
+                      "on each) that take the offloaded layers")
 GpuLayersOpt = typer.Option(-1, "--gpu-layers", "-ngl",
                             help="layers offloaded to the GPU when a GPU backend was built (-1: all, 0: none)")
 
@@ -81,11 +83,12 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show llam
     _VERBOSE = verbose
 
 
-def _engine(model, policy, budget, policy_arg, ctx, ctk, ctv, threads, gpu_layers=-1, **kw):
+def _engine(model, policy, budget, policy_arg, ctx, ctk, ctv, threads, gpu_layers=-1, rpc=None, **kw):
     from .engine import Engine
     from .policies import parse_args
     return Engine(model, policy=policy, budget=budget, policy_args=parse_args(policy_arg), ctx=ctx,
-                  cache_type_k=ctk, cache_type_v=ctv, threads=threads, verbose=_VERBOSE, gpu_layers=gpu_layers, **kw)
+                  cache_type_k=ctk, cache_type_v=ctv, threads=threads, verbose=_VERBOSE, gpu_layers=gpu_layers,
+                  rpc=parse_rpc(rpc), **kw)
 
 
 def _prefill_kw(prefill_budget):
@@ -134,12 +137,13 @@ def generate(
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: int = GpuLayersOpt,
+    rpc: Optional[str] = RpcOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with the text and measurements"),
 ):
     """Generate a reply to PROMPT with the model's chat template, streaming it to stdout."""
     def body():
         text = _read_prompt(prompt, prompt_file)
-        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads, gpu_layers,
+        with _engine(model, policy, budget, policy_arg, ctx, cache_type_k, cache_type_v, threads, gpu_layers, rpc,
                      **_prefill_kw(prefill_budget)) as eng:
             as_chat = not raw and eng.model.has_chat_template
             if not raw and not as_chat:
@@ -177,6 +181,7 @@ def chat(
     cache_type_v: str = CacheVOpt,
     threads: Optional[int] = ThreadsOpt,
     gpu_layers: int = GpuLayersOpt,
+    rpc: Optional[str] = RpcOpt,
 ):
     """Interactive chat with streaming replies (also reads turns from a pipe, one per line, or the lines between
     two \"\"\" lines). /help lists commands and keys."""
@@ -185,7 +190,7 @@ def chat(
     policy = conversation_policy(policy, budget)
     run_guarded(lambda: ChatSession(
         lambda **kw: _engine(model, kw.get("policy", policy), kw.get("budget", budget), policy_arg, ctx,
-                             cache_type_k, cache_type_v, threads, gpu_layers, conversation=True,
+                             cache_type_k, cache_type_v, threads, gpu_layers, rpc, conversation=True,
                              **_prefill_kw(prefill_budget)),
         system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
         policy=policy, budget=budget, out=out, err=err,
@@ -399,6 +404,22 @@ def calibrate(
     run_guarded(body)
 
 
+@app.command("rpc-server")
+def rpc_server(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface; the "
+                             "protocol has no authentication, so only on a network you trust)"),
+    port: int = typer.Option(50052, "--port", min=1, max=65535),
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Serve this machine's CPU to other machines' `--rpc HOST:PORT` (llama.cpp's RPC backend) until stopped."""
+    def body():
+        from .rpc import check_port, serve as serve_rpc
+        check_port(host, port)
+        err.print(f"localkv rpc-server: listening on {host}:{port} (Ctrl-C stops it)")
+        serve_rpc(host, port, threads or os.cpu_count() or 1)
+    run_guarded(body)
+
+
 @app.command("policies")
 def list_policies(as_json: bool = typer.Option(False, "--json")):
     """List the compression policies, what they keep, and their arguments."""
@@ -526,6 +547,14 @@ def models_pull(name: str = typer.Argument(..., help="registry name"),
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: quality, memory and speed.")
 app.add_typer(bench_app, name="bench")
+
+
+def parse_rpc(spec: str | None) -> list[str] | None:
+    """--rpc HOST:PORT[,...] -> endpoints (None without it)."""
+    if not spec:
+        return None
+    from .rpc import parse_endpoints
+    return parse_endpoints(spec)
 
 
 def _gpu_kw(gpu_layers: int) -> dict:

@@ -124,11 +124,12 @@ class Engine:
                  decode_interval: int = 32, threads: int | None = None, flash_attn: bool | None = None,
                  verbose: bool = False, progress: bool | None = None, eval_callback=None,
                  shared_model: Model | None = None, gpu_layers: int = -1, calibrate: bool = True,
-                 conversation: bool = False):
+                 conversation: bool = False, rpc: list[str] | None = None):
         """`shared_model`: a loaded Model to run on instead of loading `model` again (several contexts on one
         model, as the server's conversation pool does); the caller keeps it open and closes it.
         `gpu_layers`: layers offloaded to a GPU backend when one was built (llama.cpp's convention: -1 all,
         0 none); their K/V caches, compressed ones included, live on the GPU with them.
+        `rpc`: llama.cpp RPC servers ("HOST:PORT", `localkv rpc-server`) whose devices take the offloaded layers.
         `calibrate`: whether a policy whose profile this model lacks may calibrate it now (minutes); False
         refuses in one line instead (the server: no request ever calibrates).
         `conversation`: the engine holds a conversation (the chat, the server): earlier turns are compressed
@@ -142,6 +143,9 @@ class Engine:
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         _check_arguments(chunk, gpu_layers, ctx)
+        if rpc:
+            from . import rpc as rpc_backend
+            rpc_backend.add_servers(rpc)
         self._load_model(model, shared_model, gpu_layers, progress)
         if conversation and not isinstance(policy, policies.Policy):
             self.policy = policies.create(policy, policies.conversation_args(policy, policy_args or {}))

@@ -90,6 +90,8 @@ class Model:
     def __init__(self, path: str, n_gpu_layers: int = -1):
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if os.environ.get("LOCALKV_NO_REPACK"):  # CPU weights as stored, as an RPC server holds them (tests compare)
+            mp.use_extra_bufts = False
         _LOG_TAIL.clear()
         ptr = ll.llama_model_load_from_file(os.fsencode(path), mp)
         if not ptr:

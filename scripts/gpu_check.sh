@@ -23,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 else
     export PYTHONPATH=$PWD
 fi
-python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'this llama_cpp has no GPU backend'"
+python3 -c "from localkv.rpc import gpu_devices; assert gpu_devices(local=True), 'no GPU: this llama_cpp has no GPU backend, or the machine none'"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 MODEL=$OUT/llama8b-shaped.gguf

@@ -19,7 +19,8 @@ PROMPT = ("The lighthouse keeper wrote in her log every night. " * 30 +
 
 
 def _gpu_available() -> bool:
-    return bool(capi.llama_cpp.llama_supports_gpu_offload())
+    from localkv.rpc import gpu_devices
+    return bool(gpu_devices(local=True))  # (llama_supports_gpu_offload is true with the RPC backend built)
 
 
 @pytest.fixture(autouse=True)
