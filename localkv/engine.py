@@ -143,10 +143,11 @@ class Engine:
         self.cache_type_k, self.cache_type_v = cache_type_k, cache_type_v
         type_k, type_v = cache_type(cache_type_k), cache_type(cache_type_v)
         _check_arguments(chunk, gpu_layers, ctx)
+        devices = None
         if rpc:
             from . import rpc as rpc_backend
-            rpc_backend.add_servers(rpc)
-        self._load_model(model, shared_model, gpu_layers, progress)
+            devices = rpc_backend.devices(rpc)
+        self._load_model(model, shared_model, gpu_layers, progress, devices)
         if conversation and not isinstance(policy, policies.Policy):
             self.policy = policies.create(policy, policies.conversation_args(policy, policy_args or {}))
         self._check_windowed()
@@ -183,12 +184,12 @@ class Engine:
             raise LocalkvError(f"policy {self.policy.name} cannot compress {name}: POD shares attention between "
                                "consecutive layers, and this model's full-attention layers have windowed ones between them")
 
-    def _load_model(self, model: str | None, shared_model: Model | None, gpu_layers: int, progress) -> None:
+    def _load_model(self, model: str | None, shared_model: Model | None, gpu_layers: int, progress, devices=None) -> None:
         if shared_model is not None:
             self.model_path, self.model, self._owns_model = shared_model.path, shared_model, False
         else:
             self.model_path = str(models.resolve(model, progress=progress))
-            self.model, self._owns_model = Model(self.model_path, n_gpu_layers=gpu_layers), True
+            self.model, self._owns_model = Model(self.model_path, n_gpu_layers=gpu_layers, devices=devices), True
         self.shape = self.model.shape
 
     def _create_context(self, type_k: int, type_v: int, threads: int | None, flash_attn: bool | None,

@@ -87,9 +87,13 @@ def plain_transcript(messages: list[dict], add_assistant: bool = True) -> str:
 class Model:
     """A loaded GGUF model (llama_model*)."""
 
-    def __init__(self, path: str, n_gpu_layers: int = -1):
+    def __init__(self, path: str, n_gpu_layers: int = -1, devices: list[int] | None = None):
+        """`devices`: the ggml devices to offload to (RPC servers', localkv.rpc.devices); None: llama.cpp's choice."""
         mp = ll.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if devices:
+            dev_list = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)  # NULL-terminated
+            mp.devices = ctypes.cast(dev_list, ctypes.c_void_p)
         if os.environ.get("LOCALKV_NO_REPACK"):  # CPU weights as stored, as an RPC server holds them (tests compare)
             mp.use_extra_bufts = False
         _LOG_TAIL.clear()

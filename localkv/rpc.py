@@ -44,6 +44,10 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     return lib
 
 
@@ -62,7 +66,7 @@ def _rpc() -> ctypes.CDLL:
 
 
 def gpu_devices(local: bool = False) -> list[str]:
-    """The names of this process's GPU devices: RPC servers added with add_servers count too, unless `local`
+    """The names of this process's registered GPU devices, RPC ones left out when `local`
     (llama_supports_gpu_offload is true whenever the RPC backend is built, GPU or not)."""
     g = _ggml()
     devs = [g.ggml_backend_dev_get(i) for i in range(g.ggml_backend_dev_count())]
@@ -83,9 +87,6 @@ def parse_endpoints(spec: str) -> list[str]:
     return out
 
 
-_added: set[str] = set()
-
-
 def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
     host, _, port = endpoint.rpartition(":")
     try:
@@ -95,17 +96,17 @@ def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
                            "rpc-server` running there?") from None
 
 
-def add_servers(endpoints: list[str]) -> None:
-    """Register each RPC server's devices (once per process), before a model loads onto them."""
+def devices(endpoints: list[str]) -> list[int]:
+    """The devices of these RPC servers, for a model to load onto (llama_model_params.devices). They are not
+    registered with ggml: a model loaded later in the same process without them does not reach for them."""
+    out = []
     for ep in endpoints:
-        if ep in _added:
-            continue
         _check_reachable(ep)  # ggml aborts the process on a server it cannot reach
         reg = _rpc().ggml_backend_rpc_add_server(ep.encode())
         if not reg:
-            raise LocalkvError(f"--rpc: cannot reach the RPC server at {ep} (is `localkv rpc-server` running there?)")
-        _ggml().ggml_backend_register(reg)
-        _added.add(ep)
+            raise LocalkvError(f"--rpc: the RPC server at {ep} offers no device")
+        out += [_ggml().ggml_backend_reg_dev_get(reg, d) for d in range(_ggml().ggml_backend_reg_dev_count(reg))]
+    return out
 
 
 def check_port(host: str, port: int) -> None:

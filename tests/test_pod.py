@@ -123,6 +123,40 @@ def test_followers_match_numpy(pod_run):
             np.testing.assert_allclose(got[:, cols], want[:, cols], atol=tol, rtol=2e-2, err_msg=f"layer {il} head {hk}")
 
 
+def test_followers_match_numpy_while_decoding(model_path):
+    """Single-token decodes past the recent ring: the distant slots a decode adds are opened on the device (the
+    layer's distant row), and each follower's output still matches the paper's attention."""
+    layers = range(5)
+    dump = GraphDump({f"{n}cur-{il}" for n in "QKV" for il in layers}, widths={f"kqv_out-{il}": N_HEAD * D for il in layers})
+    dump.names |= {f"kqv_out-{il}" for il in layers}
+    with make_engine(model_path, policy=FixedPOD(sinks=SINKS), budget=PROXIMAL, eval_callback=dump.callback) as eng:
+        run = eng._run_batch
+
+        def recorded(toks, pos0, *a, **kw):
+            run(toks, pos0, *a, **kw)
+            dump.end_pass()
+        eng._run_batch = recorded
+        tokens = eng.model.tokenize(TEXT, add_special=True)
+        eng.feed(tokens[:-3])
+        for j in range(3):  # each decode moves one recent token to the distant ones
+            p0 = len(tokens) - 3 + j
+            eng._decode([tokens[p0]], True)
+            t = dump.tensors
+            kv = {il: (_f16(np.concatenate(t[f"Kcur-{il}"])), _f16(np.concatenate(t[f"Vcur-{il}"]))) for il in layers}
+            for il in (1, 2, 4):
+                q = t[f"Qcur-{il}"][-1]
+                k, v = kv[il]
+                got = t[f"kqv_out-{il}"][-1][0].reshape(1, N_HEAD, D)
+                for hk in range(N_HEAD_KV):
+                    lead = LEADERS[il, hk]
+                    if lead == il:
+                        continue
+                    want = ref_pod_attention(q, k, v, t[f"Qcur-{lead}"][-1], kv[lead][0], p0, SINKS, PROXIMAL - SINKS)
+                    cols = slice(hk * GROUP, (hk + 1) * GROUP)
+                    np.testing.assert_allclose(got[:, cols], want[:, cols], atol=3e-3, rtol=2e-2,
+                                               err_msg=f"layer {il} head {hk} step {j}")
+
+
 def test_state_and_bytes(pod_run):
     eng = pod_run[0]
     lead, k_slots, n_sink, first = capi.pod_state(eng.ctx)

@@ -55,6 +55,7 @@ def test_layers_on_an_rpc_server_keep_what_the_cpu_keeps(model_path, wire, polic
         np.testing.assert_array_equal(a, b)
     assert remote.text == cpu.text
     assert remote.kv_bytes_allocated == cpu.kv_bytes_allocated
+    assert rpc.gpu_devices() == []  # the servers were never registered: later models in this process stay local
 
 
 def test_a_compression_sends_no_kv_rows(model_path, wire):
@@ -76,7 +77,7 @@ def test_bad_rpc_endpoints_are_one_line_errors():
             rpc.parse_endpoints(bad)
     assert rpc.parse_endpoints("10.0.0.2:50052,[::1]:7000") == ["10.0.0.2:50052", "[::1]:7000"]
     with pytest.raises(LocalkvError, match="cannot reach"):
-        rpc.add_servers([f"127.0.0.1:{free_port()}"])
+        rpc.devices([f"127.0.0.1:{free_port()}"])
 
 
 def test_cli_rpc_errors_are_one_line(wire):

@@ -217,6 +217,9 @@ void llm_graph_input_attn_kv_compressed::set_input(const llama_ubatch * ubatch) 
         if (in.k_idxs && in.k_idxs->buffer) {
             kv->set_input_idxs(in.k_idxs, i, plan, true);
         }
+        if (in.distant_rows && in.distant_rows->buffer) {
+            kv->set_input_pod_distant(in.distant_rows, in.distant_values, i);
+        }
         for (const auto & [first_head, offsets] : in.mask_offsets) {
             if (offsets->buffer) {
                 kv->set_input_mask_offsets(offsets, i, first_head, plan);
@@ -266,10 +269,18 @@ llm_graph_input_attn_kv_compressed::layer_inputs & llm_graph_input_attn_kv_compr
         in.v_idxs = new_input_1d(ctx, GGML_TYPE_I64, n_rows);
         ggml_format_name(in.v_idxs, "localkv_idxs_%d", i);
     }
-    // a layer with POD followers writes K through rows of its own (a follower's K region is its proximal ring)
+    // a layer with POD followers writes K through rows of its own (a follower's K region is its proximal ring), and
+    // opens its followers' newly distant slots (n_tokens rows per follower)
     if (!in.k_idxs && layer.has_followers()) {
         in.k_idxs = new_input_1d(ctx, GGML_TYPE_I64, n_rows);
         ggml_format_name(in.k_idxs, "localkv_kidxs_%d", i);
+        const int64_t n_followers = std::count_if(layer.leader.begin(), layer.leader.end(), [](int32_t l) { return l >= 0; });
+        const int64_t n_tokens = n_rows / layer.n_head_kv;
+        in.distant_rows = new_input_1d(ctx, GGML_TYPE_I64, n_followers*n_tokens);
+        in.distant_values = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_followers*n_tokens);
+        ggml_set_input(in.distant_values);
+        ggml_format_name(in.distant_rows, "localkv_distant_rows_%d", i);
+        ggml_format_name(in.distant_values, "localkv_distant_values_%d", i);
     }
     return in;
 }
@@ -454,6 +465,11 @@ static void store_ubatch(const llama_kv_compressed_attn & attn, llm_graph_input_
     ggml_tensor * rows = attn.inp.get_live_rows(ctx0, attn.layer.n_head_kv, k_cur->ne[2]);
     in.live = ggml_set_rows(ctx0, attn.layer.live, rows, in.v_idxs);
     ggml_build_forward_expand(gf, in.live);
+
+    if (in.distant_rows) {
+        in.distant = ggml_set_rows(ctx0, attn.layer.distant, in.distant_values, in.distant_rows);
+        ggml_build_forward_expand(gf, in.distant);
+    }
 }
 
 // every window of n columns of a mask [width, n_tokens] as a row of its own, [n, width - n + 1, n_tokens]: a view
@@ -615,6 +631,7 @@ ggml_tensor * llm_graph_build_attn_compressed(
 
     auto & in = inp->get_layer_inputs(graph.ctx0, i, attn.layer, k_cur->ne[1]*k_cur->ne[2]);
     store_ubatch(attn, in, k_cur, v_cur);
+    attn.distant = in.distant;
 
     // what reads the hidden state at the attention's input: the learned scorer, KVzip+'s normed maximum
     if (plan.flags & llama_kv_cache_compressed::STATS_HIDDEN) {

@@ -31,6 +31,9 @@ public:
         ggml_tensor * v_idxs = nullptr; // rows the ubatch is written to, I64 [n_head_kv*n_tokens]
         ggml_tensor * k_idxs = nullptr; // K's own rows in a layer with POD followers (else K is written through v_idxs)
         ggml_tensor * live   = nullptr; // the layer's live mask once the graph opened the ubatch's slots
+        ggml_tensor * distant = nullptr; // POD: the layer's distant row once the graph opened the ubatch's
+        ggml_tensor * distant_rows = nullptr;   // ... through these rows (I64)
+        ggml_tensor * distant_values = nullptr; // ... and values (F32)
         std::map<uint32_t, ggml_tensor *> mask_offsets; // a prefill's, per part (by its first head): each head's template column
     };
 
@@ -93,6 +96,7 @@ struct llama_kv_compressed_attn {
     int     il; // model layer
     float   kq_scale;
     ggml_tensor * obs_norm = nullptr; // [1, window]: the observed queries' hidden-state norms, when MAX_NORMED is on
+    ggml_tensor * distant  = nullptr; // POD: the layer's distant row after this ubatch (a layer with followers)
 };
 
 // the attention input (the hook in build_attn_inp_kv)

@@ -243,26 +243,44 @@ void llama_kv_cache_compressed::set_input_pod_mask(ggml_tensor * dst, const llam
     GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer) && dst->type == GGML_TYPE_F32);
     const auto & [i, h] = plan.pod_states[state];
     const auto & layer = layers[i];
-    const int64_t n_own  = pod_n_sink + pod_n_recent;
-    const int64_t width  = dst->ne[0];
-    const int64_t n_kv   = width - n_own;
-
-    uint32_t n_sink = 0, first_recent = 0;
-    pod_proximal(layer, h, n_sink, first_recent);
+    const int64_t n_own = pod_n_sink + pod_n_recent;
+    GGML_ASSERT(dst->ne[0] == n_own);
     const auto row_slot = pod_row_slots(layer, h);
 
+    // own keys: proximal tokens the query may see (the ubatch's are causal)
     float * data = (float *) dst->data;
     for (int64_t t = 0; t < dst->ne[1]; ++t) {
-        float * row = data + t*width;
         const llama_pos p_q = t < (int64_t) ubatch->n_tokens ? ubatch->pos[t] : -1;
-        // own keys: proximal tokens the query may see (the ubatch's are causal)
         for (int64_t c = 0; c < n_own; ++c) {
             const int32_t s = row_slot[c];
-            row[c] = s >= 0 && layer.pos[layer.base[h] + s] <= p_q ? 0.0f : -INFINITY;
+            data[t*n_own + c] = s >= 0 && layer.pos[layer.base[h] + s] <= p_q ? 0.0f : -INFINITY;
         }
-        // the leader's logits: only the distant slots (they all precede the ubatch)
-        for (int64_t j = 0; j < n_kv; ++j) {
-            row[n_own + j] = p_q >= 0 && j >= n_sink && j < first_recent ? 0.0f : -INFINITY;
+    }
+}
+
+void llama_kv_cache_compressed::set_input_pod_distant(ggml_tensor * rows, ggml_tensor * values, int32_t i) const {
+    GGML_ASSERT(ggml_backend_buffer_is_host(rows->buffer) && ggml_backend_buffer_is_host(values->buffer));
+    const auto & layer = layers[i];
+    int64_t * r = (int64_t *) rows->data;
+    float   * v = (float *) values->data;
+    int64_t n_followers = 0;
+    for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+        n_followers += layer.leader[h] >= 0;
+    }
+    const int64_t n_tokens = ggml_nelements(rows) / std::max<int64_t>(n_followers, 1);
+    // a ubatch of n tokens moves at most n slots from the recent window to the distant ones: write the n slots
+    // before the first recent one (each with its value as it now stands: duplicates, clamped at 0, agree)
+    int64_t k = 0;
+    for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+        if (layer.leader[h] < 0) {
+            continue;
+        }
+        uint32_t n_sink = 0, first_recent = 0;
+        pod_proximal(layer, h, n_sink, first_recent);
+        for (int64_t t = 0; t < n_tokens; ++t, ++k) {
+            const int64_t s = std::max<int64_t>(0, (int64_t) first_recent - n_tokens + t);
+            r[k] = layer.base[h] + s;
+            v[k] = s >= n_sink && s < first_recent ? 0.0f : -INFINITY;
         }
     }
 }
@@ -271,13 +289,11 @@ void llama_kv_cache_compressed::set_input_pod_v_rows(ggml_tensor * dst, int32_t 
     GGML_ASSERT(ggml_backend_buffer_is_host(dst->buffer) && dst->type == GGML_TYPE_I32);
     const auto & layer = layers[i];
     const int64_t n_own = pod_n_sink + pod_n_recent;
+    GGML_ASSERT(dst->ne[0] == n_own);
     const auto row_slot = pod_row_slots(layer, h);
     int32_t * data = (int32_t *) dst->data;
     for (int64_t c = 0; c < n_own; ++c) {
         data[c] = (int32_t) layer.base[h] + std::max(row_slot[c], 0); // an empty row reads any V row: its column is masked
-    }
-    for (int64_t j = 0; j < dst->ne[0] - n_own; ++j) {
-        data[n_own + j] = (int32_t) (layer.base[h] + j);
     }
 }
 
@@ -332,14 +348,24 @@ ggml_tensor * llama_kv_compressed_attn_pod_follower(const llama_kv_compressed_at
     const int64_t group    = q->ne[1];
     const int64_t n_cols   = attn.kv.pod_sink() + attn.kv.pod_recent() + part.n_kv;
 
+    const int64_t n_own    = n_cols - part.n_kv;
+
+    // the mask: the own proximal keys' (host, per follower state), then the leader's columns, open on the distant
+    // slots (the layer's distant row, kept on the device)
+    GGML_ASSERT(attn.distant != nullptr);
     ggml_tensor * kq   = pod_follower_kq(attn, q, part);
-    ggml_tensor * mask = attn.inp.get_pod_mask(ctx0, part.pod_state, n_cols, n_tokens);
+    ggml_tensor * lead = ggml_view_2d(ctx0, attn.distant, part.n_kv, 1, part.n_kv*sizeof(float), part.base*sizeof(float));
+    ggml_tensor * mask = ggml_concat(ctx0, attn.inp.get_pod_mask(ctx0, part.pod_state, n_own, n_tokens),
+            ggml_repeat_4d(ctx0, lead, part.n_kv, n_tokens, 1, 1), 0);
 
     ggml_tensor * p = ggml_soft_max_ext(ctx0, kq, mask, attn.kq_scale, attn.graph.hparams.f_max_alibi_bias);
     ggml_soft_max_add_sinks(p, sinks);
 
-    ggml_tensor * v_rows = attn.inp.get_pod_v_rows(ctx0, attn.i, part.first_head, n_cols);
-    ggml_tensor * v   = ggml_get_rows(ctx0, attn.layer.v, v_rows);                            // [d_v, n_cols] f32
+    // the values in the same order: the own proximal keys' rows (host), then every slot (a view)
+    ggml_tensor * v_rows = attn.inp.get_pod_v_rows(ctx0, attn.i, part.first_head, n_own);
+    ggml_tensor * v_all  = ggml_view_2d(ctx0, attn.layer.v, attn.layer.v->ne[0], part.n_kv, attn.layer.v->nb[1],
+            part.base*attn.layer.v->nb[1]);
+    ggml_tensor * v   = ggml_concat(ctx0, ggml_get_rows(ctx0, attn.layer.v, v_rows), ggml_cast(ctx0, v_all, GGML_TYPE_F32), 1); // [d_v, n_cols]
     ggml_tensor * vt  = ggml_cont(ctx0, ggml_transpose(ctx0, v));                             // [n_cols, d_v]
     ggml_tensor * kqv = ggml_mul_mat(ctx0, vt, p);                                            // [d_v, n_tokens, group]
 

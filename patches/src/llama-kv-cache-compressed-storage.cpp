@@ -264,6 +264,18 @@ static bool alloc_live(std::vector<llama_kv_compressed_layer> & layers,
     return alloc_blocks(layers, GGML_TYPE_F16, "localkv_live", elems, view, bufs);
 }
 
+// POD's distant rows of every layer, F32 [1, total] each, one block per buffer type
+static bool alloc_distant(std::vector<llama_kv_compressed_layer> & layers,
+        std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
+    auto elems = [](const llama_kv_compressed_layer & layer) { return (int64_t) layer.total; };
+    auto view = [](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
+        layer.distant = ggml_view_2d(ctx, block, 1, layer.total, ggml_element_size(block), offset);
+        ggml_format_name(layer.distant, "localkv_distant_l%d", layer.il);
+        return layer.distant;
+    };
+    return alloc_blocks(layers, GGML_TYPE_F32, "localkv_distant", elems, view, bufs);
+}
+
 // int32 aliases of the K/V bytes of every layer, for bit-exact moves on the backend (none for a type whose head
 // rows are not whole int32 words: those are compacted through the host)
 static bool alias_raw_rows(std::vector<llama_kv_compressed_layer> & layers, ggml_context_ptr & raw_ctx) {
@@ -345,7 +357,8 @@ int32_t llama_kv_cache_compressed::allocate(const uint32_t * capacities, const u
     }
 
     // the live masks: buffers of their own, not KV
-    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs) || !alloc_live(out.layers, out.live_bufs)) {
+    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs) || !alloc_live(out.layers, out.live_bufs) ||
+            (!pod_leader.empty() && !alloc_distant(out.layers, out.live_bufs))) {
         err = "failed to allocate the compressed KV buffers";
         return LLAMA_LOCALKV_ERR_ALLOC;
     }

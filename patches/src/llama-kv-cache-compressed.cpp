@@ -561,6 +561,29 @@ void llama_kv_cache_compressed::upload_live() {
         transfers++;
         transfer_bytes += ggml_nbytes(block);
     }
+    // POD: each follower's distant slots, as its proximal ones stand now (the graph opens the ones a ubatch adds)
+    std::map<ggml_tensor *, std::vector<float>> distant;
+    for (const auto & layer : layers) {
+        if (!layer.distant) {
+            continue;
+        }
+        ggml_tensor * block = layer.distant->view_src;
+        auto & host = distant[block];
+        host.resize(ggml_nelements(block), -INFINITY);
+        float * row = host.data() + layer.distant->view_offs/sizeof(float);
+        for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
+            uint32_t n_sink = 0, first_recent = 0;
+            pod_proximal(layer, h, n_sink, first_recent);
+            for (uint32_t s = n_sink; layer.leader[h] >= 0 && s < first_recent; ++s) {
+                row[layer.base[h] + s] = 0.0f;
+            }
+        }
+    }
+    for (const auto & [block, host] : distant) {
+        ggml_backend_tensor_set(block, host.data(), 0, ggml_nbytes(block));
+        transfers++;
+        transfer_bytes += ggml_nbytes(block);
+    }
     live_dirty = false;
 }
 

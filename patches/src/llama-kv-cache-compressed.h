@@ -118,6 +118,10 @@ struct llama_kv_compressed_layer {
     // whole by the host when the layout changes (keep, resize, hide, clear), and per ubatch by the graph, which
     // opens the ubatch's own slots; a decode step's mask for a part is a plain view of it
     ggml_tensor * live = nullptr;
+    // POD only, F32 [1, total]: 0 on a follower's distant slots (where its leader's logits open), -inf elsewhere.
+    // Written whole by the host with the live mask; each ubatch's graph opens the slots that left the recent
+    // window with one set_rows, so a follower's mask needs no per-token host work beyond its own proximal keys
+    ggml_tensor * distant = nullptr;
 
     // int32 aliases of the K and V bytes ([head row bytes / 4, total]): get_rows moves them bit for bit
     // whatever the cache type; null when a head's row is not a multiple of 4 bytes (host fallback)
@@ -374,10 +378,12 @@ public:
     uint32_t get_slot_pad() const { return slot_pad; }
     void set_input_obs_scale(ggml_tensor * dst, const llama_kv_compressed_plan & plan) const;
     void set_input_idxs     (ggml_tensor * dst, int32_t i, const llama_kv_compressed_plan & plan, bool k_rows) const;
-    // POD: a follower state's mask [n_sink + n_recent + n_kv, n_tokens] (own proximal keys, then the leader's
-    // columns, distant ones open) and a follower's V rows in that column order (I32)
+    // POD: a follower state's mask of its own proximal keys [n_sink + n_recent, n_tokens] (the leader's columns come
+    // from the distant row), a follower's V rows of those keys (I32 [n_sink + n_recent]), and the distant rows a
+    // ubatch opens in cached layer i (every follower head's, n_tokens each: rows I64 [n], values F32 [1, n])
     void set_input_pod_mask  (ggml_tensor * dst, const llama_ubatch * ubatch, const llama_kv_compressed_plan & plan, uint32_t state) const;
     void set_input_pod_v_rows(ggml_tensor * dst, int32_t i, uint32_t h) const;
+    void set_input_pod_distant(ggml_tensor * rows, ggml_tensor * values, int32_t i) const;
 
 private:
     explicit llama_kv_cache_compressed(const llama_model & model);
