@@ -252,28 +252,17 @@ static bool alloc_stats(std::vector<llama_kv_compressed_layer> & layers, uint32_
     return true;
 }
 
-// the live masks of every layer, F16 [1, total] each, one block per buffer type
-static bool alloc_live(std::vector<llama_kv_compressed_layer> & layers,
-        std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
+// a row per slot of every layer ([1, total] of `type`), stored in the layer's `member` (the live masks; POD's
+// distant rows), one block per buffer type
+static bool alloc_slot_rows(std::vector<llama_kv_compressed_layer> & layers, ggml_type type, const char * name,
+        ggml_tensor * llama_kv_compressed_layer::* member, std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
     auto elems = [](const llama_kv_compressed_layer & layer) { return (int64_t) layer.total; };
-    auto view = [](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
-        layer.live = ggml_view_2d(ctx, block, 1, layer.total, ggml_element_size(block), offset);
-        ggml_format_name(layer.live, "localkv_live_l%d", layer.il);
-        return layer.live;
+    auto view = [&](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
+        ggml_tensor * t = ggml_view_2d(ctx, block, 1, layer.total, ggml_element_size(block), offset);
+        ggml_format_name(t, "%s_l%d", name, layer.il);
+        return layer.*member = t;
     };
-    return alloc_blocks(layers, GGML_TYPE_F16, "localkv_live", elems, view, bufs);
-}
-
-// POD's distant rows of every layer, F32 [1, total] each, one block per buffer type
-static bool alloc_distant(std::vector<llama_kv_compressed_layer> & layers,
-        std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs) {
-    auto elems = [](const llama_kv_compressed_layer & layer) { return (int64_t) layer.total; };
-    auto view = [](ggml_context * ctx, ggml_tensor * block, llama_kv_compressed_layer & layer, size_t offset) {
-        layer.distant = ggml_view_2d(ctx, block, 1, layer.total, ggml_element_size(block), offset);
-        ggml_format_name(layer.distant, "localkv_distant_l%d", layer.il);
-        return layer.distant;
-    };
-    return alloc_blocks(layers, GGML_TYPE_F32, "localkv_distant", elems, view, bufs);
+    return alloc_blocks(layers, type, name, elems, view, bufs);
 }
 
 // int32 aliases of the K/V bytes of every layer, for bit-exact moves on the backend (none for a type whose head
@@ -357,8 +346,10 @@ int32_t llama_kv_cache_compressed::allocate(const uint32_t * capacities, const u
     }
 
     // the live masks: buffers of their own, not KV
-    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs) || !alloc_live(out.layers, out.live_bufs) ||
-            (!pod_leader.empty() && !alloc_distant(out.layers, out.live_bufs))) {
+    if (!alloc_zeroed_buffers(kv_ctxs, out.kv_bufs) ||
+            !alloc_slot_rows(out.layers, GGML_TYPE_F16, "localkv_live", &llama_kv_compressed_layer::live, out.live_bufs) ||
+            (!pod_leader.empty() &&
+             !alloc_slot_rows(out.layers, GGML_TYPE_F32, "localkv_distant", &llama_kv_compressed_layer::distant, out.live_bufs))) {
         err = "failed to allocate the compressed KV buffers";
         return LLAMA_LOCALKV_ERR_ALLOC;
     }

@@ -399,7 +399,6 @@ static llama_kv_compressed_part head_part(const llama_kv_compressed_layer & laye
     part.alloc       = layer.alloc[h];
     part.n_kv        = layer.alloc[h];
     part.leader      = layer.leader[h];
-    part.n_written   = layer.n_written[h];
     return part;
 }
 
@@ -533,6 +532,28 @@ void llama_kv_cache_compressed::set_hidden(llama_pos p0, llama_pos p1) {
     live_dirty = true;
 }
 
+// one host copy of each device block that `rows` of every layer view (filled by `fill(layer, row)`, `closed` where
+// it writes nothing), then one transfer per block
+template <typename T, typename Fill>
+static void upload_rows(const std::vector<llama_kv_compressed_layer> & layers, ggml_tensor * llama_kv_compressed_layer::* rows,
+        T closed, Fill && fill, uint64_t & transfers, uint64_t & transfer_bytes) {
+    std::map<ggml_tensor *, std::vector<T>> blocks;
+    for (const auto & layer : layers) {
+        const ggml_tensor * t = layer.*rows;
+        if (!t) {
+            continue;
+        }
+        auto & host = blocks[t->view_src];
+        host.resize(ggml_nelements(t->view_src), closed);
+        fill(layer, host.data() + t->view_offs/sizeof(T));
+    }
+    for (const auto & [block, host] : blocks) {
+        ggml_backend_tensor_set(block, host.data(), 0, ggml_nbytes(block));
+        transfers++;
+        transfer_bytes += ggml_nbytes(block);
+    }
+}
+
 void llama_kv_cache_compressed::upload_live() {
     if (!live_dirty) {
         return;
@@ -540,37 +561,18 @@ void llama_kv_cache_compressed::upload_live() {
     if (owner) {
         owner->synchronize(); // the last graph may still read the masks
     }
-    // every layer's block of a device in one host array, then one transfer per device
     const ggml_fp16_t open   = ggml_fp32_to_fp16(0.0f);
     const ggml_fp16_t closed = ggml_fp32_to_fp16(-INFINITY);
-    std::map<ggml_tensor *, std::vector<ggml_fp16_t>> blocks;
-    for (const auto & layer : layers) {
-        ggml_tensor * block = layer.live->view_src;
-        auto & host = blocks[block];
-        host.resize(ggml_nelements(block), closed);
-        ggml_fp16_t * row = host.data() + layer.live->view_offs/sizeof(ggml_fp16_t);
+    upload_rows(layers, &llama_kv_compressed_layer::live, closed, [&](const llama_kv_compressed_layer & layer, ggml_fp16_t * row) {
         for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
             for (uint32_t s = 0; s < layer.n_used[h]; ++s) {
                 const llama_pos p = layer.pos[layer.base[h] + s];
                 row[layer.base[h] + s] = p >= hide_p0 && p < hide_p1 ? closed : open;
             }
         }
-    }
-    for (const auto & [block, host] : blocks) {
-        ggml_backend_tensor_set(block, host.data(), 0, ggml_nbytes(block));
-        transfers++;
-        transfer_bytes += ggml_nbytes(block);
-    }
+    }, transfers, transfer_bytes);
     // POD: each follower's distant slots, as its proximal ones stand now (the graph opens the ones a ubatch adds)
-    std::map<ggml_tensor *, std::vector<float>> distant;
-    for (const auto & layer : layers) {
-        if (!layer.distant) {
-            continue;
-        }
-        ggml_tensor * block = layer.distant->view_src;
-        auto & host = distant[block];
-        host.resize(ggml_nelements(block), -INFINITY);
-        float * row = host.data() + layer.distant->view_offs/sizeof(float);
+    upload_rows(layers, &llama_kv_compressed_layer::distant, -INFINITY, [&](const llama_kv_compressed_layer & layer, float * row) {
         for (uint32_t h = 0; h < layer.n_head_kv; ++h) {
             uint32_t n_sink = 0, first_recent = 0;
             pod_proximal(layer, h, n_sink, first_recent);
@@ -578,12 +580,7 @@ void llama_kv_cache_compressed::upload_live() {
                 row[layer.base[h] + s] = 0.0f;
             }
         }
-    }
-    for (const auto & [block, host] : distant) {
-        ggml_backend_tensor_set(block, host.data(), 0, ggml_nbytes(block));
-        transfers++;
-        transfer_bytes += ggml_nbytes(block);
-    }
+    }, transfers, transfer_bytes);
     live_dirty = false;
 }
 

@@ -163,7 +163,6 @@ struct llama_kv_compressed_part {
     uint32_t alloc       = 0;  // slots of each head (the view's head stride)
     uint32_t n_kv        = 0;  // slots attended: all of them (so a part's rows of the live mask are one contiguous block)
     int32_t  leader      = -1; // POD: the leader's cached layer when this part is one follower head
-    uint32_t n_written   = 0;  // POD: tokens the follower had written before this ubatch
     uint32_t pod_state   = 0;  // POD: followers in the same state share one mask (index into plan.pod_states)
 };
 
